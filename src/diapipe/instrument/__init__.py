@@ -1,0 +1,5 @@
+"""The LSSTCam-imSim instrument and its camera geometry."""
+
+from .lsstcam_imsim import BANDS, PHYSICAL_FILTERS, LsstCamImSim, physical_filter_for_band
+
+__all__ = ["LsstCamImSim", "BANDS", "PHYSICAL_FILTERS", "physical_filter_for_band"]
