@@ -95,11 +95,15 @@ class SkyMapFormatter(FormatterV2):
             raise ValueError(f"{uri}: not a diapipe skymap file (no 'class' key)")
         module_name, _, class_name = data["class"].rpartition(".")
         cls = getattr(importlib.import_module(module_name), class_name)
-        return cls.from_dict(data)
+        config_cls = type(cls().config)
+        return cls(config_cls.from_dict(data["config"]), name=data["name"])
 
     def to_bytes(self, in_memory_dataset: Any) -> bytes:
-        data = in_memory_dataset.to_dict()
-        data["class"] = f"{type(in_memory_dataset).__module__}.{type(in_memory_dataset).__qualname__}"
+        data = {
+            "class": f"{type(in_memory_dataset).__module__}.{type(in_memory_dataset).__qualname__}",
+            "name": in_memory_dataset.name,
+            "config": in_memory_dataset.config.to_dict(),
+        }
         return yaml.safe_dump(data, sort_keys=False).encode()
 
 

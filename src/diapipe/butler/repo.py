@@ -43,9 +43,11 @@ def polygon_from_radec(ra_deg, dec_deg) -> ConvexPolygon:
 
 def check_repo_config(butler: Butler) -> None:
     """Raise `RepositoryConfigError` if ``butler`` was made without diapipe's seed config."""
-    if "DiapipeExposure" not in butler.storageClasses:
+    # The storage-class factory is process-global, so ask the repository's own config.
+    config = getattr(butler, "_config", None)
+    if config is None or "DiapipeExposure" not in config.get("storageClasses", {}):
         raise RepositoryConfigError(
-            f"Repository {butler._config.configDir if hasattr(butler, '_config') else ''} does not know diapipe's "
+            f"Repository {getattr(config, 'configDir', '')} does not know diapipe's "
             "storage classes (it was not created with diapipe's seed config). "
             "Create it with `diapipe make-repo REPO`, or `butler create --seed-config "
             f"{SEED_CONFIG} REPO`."

@@ -375,8 +375,8 @@ def _fit_tan_sip_detail(x, y, ra, dec, *, crpix=None, crval=None, sip_order=3, i
         resid = np.column_stack([xi - design @ cxi + cxi[0], eta - design @ ceta + ceta[0]]) * _DEG2MAS
         r = np.hypot(resid[:, 0], resid[:, 1])
         sigma = 1.4826 * np.median(np.abs(resid[used]))
-        new_used = used & (r <= clip_radius * max(sigma, 1e-6))
-        new_used |= used & (r <= 1e-6)
+        # Floor of 0.1 mas: noiseless (simulated) inputs must not clip on rounding errors.
+        new_used = used & (r <= clip_radius * max(sigma, 0.1))
         if np.array_equal(new_used, used):
             break
         used = new_used
@@ -480,8 +480,8 @@ def fit_tan_sip(x, y, ra, dec, *, crpix=None, crval=None, sip_order: int = 3, in
 
 
 def fit_wcs(src_x, src_y, src_flux, ref_ra, ref_dec, ref_flux, initial_wcs: WCS, *, bbox=None,
-            sip_order: int = 3, n_iter: int = 3, match_radius_arcsec: float = 0.5, min_matches: int = 10,
-            max_rms_mas: float = 200.0, sigma_pix=None, **match_kwargs) -> tuple[WCS, dict]:
+            sip_order: int = 3, crpix=None, n_iter: int = 3, match_radius_arcsec: float = 0.5,
+            min_matches: int = 10, max_rms_mas: float = 200.0, sigma_pix=None, **match_kwargs) -> tuple[WCS, dict]:
     """Match to the reference catalogue and fit a TAN-SIP WCS; re-match with each new fit.
 
     Parameters
@@ -491,13 +491,16 @@ def fit_wcs(src_x, src_y, src_flux, ref_ra, ref_dec, ref_flux, initial_wcs: WCS,
     ref_ra, ref_dec, ref_flux : array_like
         Reference catalogue positions (deg) and fluxes (`None` allowed).
     initial_wcs : `astropy.wcs.WCS`
-        Approximate WCS; its CRPIX is kept for the fit.
+        Approximate WCS; distortion terms in it help the first match but are not required.
     bbox : `tuple`, optional
         Detector box ``(x_min, y_min, x_max, y_max)``; pass it (e.g. ``(0, 0, 4071, 3999)``)
         so the inverse distortion covers the whole detector.
     sip_order : `int`
         Distortion order; lowered automatically when there are fewer than 3 stars per
         coefficient (reported as ``stats['sip_order']``).
+    crpix : pair of float, optional
+        FITS (1-based) reference pixel of the fitted WCS; default the centre of ``bbox``
+        (well-conditioned polynomials; an initial WCS's CRPIX may lie off the detector).
     n_iter : `int`
         Fit / re-match cycles after the initial match.
     match_radius_arcsec : `float`
@@ -535,7 +538,8 @@ def fit_wcs(src_x, src_y, src_flux, ref_ra, ref_dec, ref_flux, initial_wcs: WCS,
                                bbox=bbox, min_matches=min_matches, **match_kwargs)
     sig = None if sigma_pix is None else np.asarray(sigma_pix, dtype=float)
     si, ri = match.src_index, match.ref_index
-    crpix = initial_wcs.wcs.crpix.copy()
+    if crpix is None:
+        crpix = ((bbox[0] + bbox[2]) / 2 + 1.0, (bbox[1] + bbox[3]) / 2 + 1.0)
     wcs = initial_wcs
     margin = 10.0 / wcs_pixel_scale_arcsec(initial_wcs)
     for it in range(n_iter + 1):

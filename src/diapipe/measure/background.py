@@ -74,12 +74,14 @@ class Background:
     def evaluate(self, shape=None, dtype=np.float32) -> np.ndarray:
         """The model at every pixel of an image of ``shape`` (default: the fitted image)."""
         ny, nx = self.shape if shape is None else (int(shape[0]), int(shape[1]))
-        x = np.arange(nx, dtype=np.float64)
-        y = np.arange(ny, dtype=np.float64)
-        # Separable interpolation: along y for every cell column, then along x.
-        along_y = _interp1d(self.y_centers, self.values, y, self.interpolation, axis=0)  # (ny, ncx)
-        full = _interp1d(self.x_centers, along_y, x, self.interpolation, axis=1)  # (ny, nx)
-        return full.astype(dtype, copy=False)
+        # Interpolation is linear in the cell values, so the separable 2-d
+        # interpolant is Wy @ values @ Wx.T with Wy, Wx the 1-d interpolation
+        # weights of each pixel row/column: two small matrix products.
+        wy = _interp1d(self.y_centers, np.eye(self.y_centers.size), np.arange(ny, dtype=float),
+                       self.interpolation, axis=0)  # (ny, ncy)
+        wx = _interp1d(self.x_centers, np.eye(self.x_centers.size), np.arange(nx, dtype=float),
+                       self.interpolation, axis=0)  # (nx, ncx)
+        return ((wy @ self.values) @ wx.T).astype(dtype, copy=False)
 
     __call__ = evaluate
 
@@ -152,19 +154,35 @@ def _interp1d(knots, values, at, method, axis):
 
 
 def _cell_statistics(cells: np.ndarray, statistic: str, nsigma: float, n_iter: int):
-    """Clipped level and rms of each row of ``cells`` (NaN = excluded pixel)."""
-    data = cells
+    """Clipped level, rms and pixel count of each row of ``cells`` (NaN = excluded pixel).
+
+    Each row is sorted once; clipping then only moves the window ``[lo, hi)``
+    of kept values, so the iterations cost no further sorts.
+    """
+    ordered = np.sort(cells, axis=1)  # NaNs sort to the end
+    rows = np.arange(ordered.shape[0])
+    lo = np.zeros(ordered.shape[0], dtype=np.int64)
+    hi = np.sum(np.isfinite(ordered), axis=1).astype(np.int64)
+    last = max(ordered.shape[1] - 1, 0)
+
+    def quantile(q):
+        k = np.maximum(hi - lo, 1)
+        return ordered[rows, np.clip(lo + ((k - 1) * q).astype(np.int64), 0, last)].astype(np.float64)
+
     for _ in range(n_iter):
-        center = np.nanmedian(data, axis=1)
+        center = quantile(0.5)
         # Robust width from the interquartile range (a few bright pixels do not inflate it).
-        q25, q75 = np.nanpercentile(data, [25.0, 75.0], axis=1)
-        width = (q75 - q25) / 1.349
-        keep = np.abs(data - center[:, None]) <= nsigma * width[:, None]
-        data = np.where(keep, data, np.nan)
-    count = np.sum(np.isfinite(data), axis=1)
-    mean = np.nanmean(data, axis=1)
-    median = np.nanmedian(data, axis=1)
-    rms = np.nanstd(data, axis=1)
+        width = (quantile(0.75) - quantile(0.25)) / 1.349
+        lo = np.sum(ordered < (center - nsigma * width)[:, None], axis=1)
+        hi = np.sum(ordered <= (center + nsigma * width)[:, None], axis=1)
+    filled = np.nan_to_num(ordered.astype(np.float64), nan=0.0)
+    csum = np.concatenate([np.zeros((filled.shape[0], 1)), np.cumsum(filled, axis=1)], axis=1)
+    csum2 = np.concatenate([np.zeros((filled.shape[0], 1)), np.cumsum(filled**2, axis=1)], axis=1)
+    count = hi - lo
+    n = np.maximum(count, 1)
+    mean = (csum[rows, hi] - csum[rows, lo]) / n
+    rms = np.sqrt(np.maximum((csum2[rows, hi] - csum2[rows, lo]) / n - mean**2, 0.0))
+    median = quantile(0.5)
     if statistic == "meanclip":
         level = mean
     elif statistic == "median":
@@ -257,8 +275,7 @@ def estimate_background(
             chunk = band[:, x_edges[i] : x_edges[i + 1]].ravel()
             cells[i, : chunk.size] = chunk
         npix = band.shape[0] * widths
-        with np.errstate(all="ignore"), _quiet_nan_warnings():
-            level, sigma, count = _cell_statistics(cells, statistic, nsigma, n_iter)
+        level, sigma, count = _cell_statistics(cells, statistic, nsigma, n_iter)
         good = count >= min_fraction * npix
         values[j, good] = level[good]
         rms[j, good] = sigma[good]
@@ -285,20 +302,6 @@ def _fill_missing(grid: np.ndarray) -> np.ndarray:
                 filled[j, i] = np.nanmedian(patch)
         grid = filled
     return grid
-
-
-class _quiet_nan_warnings:
-    """Silence numpy's all-NaN-slice RuntimeWarnings inside the cell statistics."""
-
-    def __enter__(self):
-        import warnings
-
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
 
 
 def subtract_background(

@@ -1,0 +1,1 @@
+"""Alard–Lupton difference imaging: kernel basis, kernel fit, convolution, decorrelation, dipoles."""

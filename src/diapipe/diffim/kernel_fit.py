@@ -1,0 +1,528 @@
+"""Fit a spatially varying Alard–Lupton PSF-matching kernel on stamps around stars.
+
+Model, for every stamp ``n`` centred on a kernel source at ``(x_n, y_n)``:
+
+.. math::
+
+    T(\\mathbf{r}) \\approx \\sum_b c_b(x_n, y_n)\\, (S \\ast B_b)(\\mathbf{r}) + \\mathrm{bg}(x_n, y_n),
+
+``S`` the image being convolved ("source": the template in convolveTemplate
+mode), ``T`` the image it is matched to ("target"), ``B_b`` the basis of
+`diapipe.diffim.basis`. The coefficients are polynomials of position
+(order 1 by default, the first — the kernel sum, i.e. the photometric scaling —
+constant over the image as in ip_diffim's AL solution) and the differential
+background is a polynomial of order 2. As in ip_diffim the spatial functions are
+evaluated at the stamp centre.
+
+Steps: per-stamp weighted least squares (basis + constant background), rejection
+of stamps with poor fits or outlying kernel sums, then the spatial fit to all
+remaining stamps at once, with up to ``max_iterations`` rounds of rejecting
+stamps whose residual chi² (under the spatial model) is an outlier. Everything
+works on the per-stamp normal equations, so each stamp is convolved only once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..exposure import masks
+from ..exposure.psf import polynomial_terms
+from .basis import KernelBasis
+
+__all__ = [
+    "TooFewKernelSourcesError",
+    "BadPsfMatchError",
+    "KernelSolution",
+    "KernelFitResult",
+    "select_kernel_sources",
+    "convolve_stamps",
+    "fit_psf_matching_kernel",
+    "normalised_position",
+]
+
+#: Mask planes that disqualify a kernel stamp (ip_diffim's badMaskPlanes).
+STAMP_BAD_PLANES = ("NO_DATA", "BAD", "SAT", "EDGE", "CR", "INTRP", "SUSPECT")
+
+
+class TooFewKernelSourcesError(RuntimeError):
+    """Fewer usable kernel sources than the fit needs.
+
+    Attributes ``n_found`` and ``n_needed`` hold the numbers (task metadata).
+    """
+
+    def __init__(self, n_found: int, n_needed: int, detail: str = ""):
+        self.n_found = int(n_found)
+        self.n_needed = int(n_needed)
+        message = f"Too few kernel sources for PSF matching: found {self.n_found}, need {self.n_needed}"
+        super().__init__(message + (f" ({detail})" if detail else ""))
+
+
+class BadPsfMatchError(RuntimeError):
+    """The kernel model cannot match the two PSFs (stamp residual chi² far above 1).
+
+    Attributes ``chi2_per_dof`` (median over used stamps) and ``threshold``.
+    """
+
+    def __init__(self, chi2_per_dof: float, threshold: float):
+        self.chi2_per_dof = float(chi2_per_dof)
+        self.threshold = float(threshold)
+        super().__init__(
+            f"PSF matching failed: median stamp residual chi2/dof {self.chi2_per_dof:.2f} exceeds "
+            f"{self.threshold:.2f}; the PSFs (or the registration) of the two images do not match "
+            "within the kernel model"
+        )
+
+
+def normalised_position(x, y, bbox) -> tuple[np.ndarray, np.ndarray]:
+    """Map positions to [-1, 1] over ``bbox = (x_min, y_min, x_max, y_max)`` (as `PixelPsf`)."""
+    x0, y0, x1, y1 = bbox
+    u = (2.0 * np.asarray(x, float) - (x0 + x1)) / max(x1 - x0, 1.0)
+    v = (2.0 * np.asarray(y, float) - (y0 + y1)) / max(y1 - y0, 1.0)
+    return u, v
+
+
+def _n_terms(order: int) -> int:
+    return (order + 1) * (order + 2) // 2
+
+
+@dataclass(frozen=True)
+class KernelSolution:
+    """A spatially varying matching kernel plus differential background.
+
+    ``kernel(x, y) = sum_b sum_p kernel_coeffs[b, p] P_p(u, v) B_b`` and
+    ``background(x, y) = sum_q background_coeffs[q] P_q(u, v)``, with
+    ``P`` the monomials of `diapipe.exposure.psf.polynomial_terms` and ``(u, v)``
+    the position normalised over ``bbox``. Applying it: ``source * kernel + background``
+    matches the target image.
+    """
+
+    basis: KernelBasis
+    kernel_coeffs: np.ndarray  # (n_basis, n_spatial)
+    background_coeffs: np.ndarray  # (n_bg,)
+    spatial_order: int
+    background_order: int
+    bbox: tuple
+
+    @property
+    def size(self) -> int:
+        return self.basis.size
+
+    def spatial_kernel_images(self) -> np.ndarray:
+        """Kernels ``K_p`` (n_spatial, K, K) with ``kernel(x, y) = sum_p P_p(u, v) K_p``."""
+        return np.tensordot(self.kernel_coeffs.T, self.basis.images, axes=(1, 0))
+
+    def kernel_image(self, x: float | None = None, y: float | None = None) -> np.ndarray:
+        """The kernel at (x, y) (default: bbox centre), not normalised."""
+        if x is None or y is None:
+            x = 0.5 * (self.bbox[0] + self.bbox[2])
+            y = 0.5 * (self.bbox[1] + self.bbox[3])
+        u, v = normalised_position(x, y, self.bbox)
+        weights = polynomial_terms(u, v, self.spatial_order)
+        return np.tensordot(weights, self.spatial_kernel_images(), axes=(0, 0))
+
+    def kernel_sum(self, x: float | None = None, y: float | None = None) -> float:
+        """Photometric scaling (target/source flux ratio) at (x, y)."""
+        return float(self.kernel_image(x, y).sum())
+
+    def background(self, x, y) -> np.ndarray:
+        """Differential background at positions (x, y) (parent pixel coordinates)."""
+        u, v = normalised_position(x, y, self.bbox)
+        return np.tensordot(self.background_coeffs, polynomial_terms(u, v, self.background_order), axes=(0, 0))
+
+    def background_image(self, shape, xy0=(0, 0)) -> np.ndarray:
+        """The background model on an image of ``shape`` whose pixel [0, 0] is at ``xy0``."""
+        ny, nx = shape
+        u, _ = normalised_position(np.arange(nx) + xy0[0], 0.0, self.bbox)
+        _, v = normalised_position(0.0, np.arange(ny) + xy0[1], self.bbox)
+        out = np.zeros(shape)
+        k = 0
+        for degree in range(self.background_order + 1):
+            for pv in range(degree + 1):
+                out += self.background_coeffs[k] * np.outer(v**pv, u ** (degree - pv))
+                k += 1
+        return out
+
+
+@dataclass
+class KernelFitResult:
+    """Kernel solution plus per-stamp diagnostics (arrays indexed like the input positions)."""
+
+    solution: KernelSolution
+    used: np.ndarray
+    chi2_local: np.ndarray
+    chi2_spatial: np.ndarray
+    kernel_sum_local: np.ndarray
+    n_iterations: int
+    median_chi2: float
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def n_used(self) -> int:
+        return int(self.used.sum())
+
+    @property
+    def n_rejected(self) -> int:
+        return int((~self.used).sum())
+
+
+def select_kernel_sources(
+    sources,
+    mask: np.ndarray,
+    half_size: int,
+    *,
+    sn_min: float = 10.0,
+    sn_max: float = 500.0,
+    isolation_radius_pix: float | None = None,
+    max_sources: int = 1000,
+    min_sources: int = 3,
+    bad_planes=STAMP_BAD_PLANES,
+) -> np.ndarray:
+    """Indices of rows of ``sources`` usable as kernel stamps.
+
+    Parameters
+    ----------
+    sources : `astropy.table.Table`
+        Columns ``x``, ``y`` (pixels, the mask's frame), ``psfFlux``, ``psfFluxErr``
+        and ``flags`` (bool or int; nonzero = flagged).
+    mask : `numpy.ndarray` of int
+        OR of science and template masks.
+    half_size : `int`
+        Half-size of the region a stamp needs (fit box plus kernel half width):
+        the stamp must be inside the image and free of ``bad_planes``.
+    isolation_radius_pix : `float`, optional
+        No other source (of any brightness) closer than this; default ``half_size``.
+
+    Returns
+    -------
+    indices : `numpy.ndarray` of int
+        Highest-S/N first, at most ``max_sources``.
+
+    Raises
+    ------
+    TooFewKernelSourcesError
+        When fewer than ``min_sources`` survive (attributes hold the counts).
+    """
+    x = np.asarray(sources["x"], float)
+    y = np.asarray(sources["y"], float)
+    flux = np.asarray(sources["psfFlux"], float)
+    err = np.asarray(sources["psfFluxErr"], float)
+    flags = np.asarray(sources["flags"]) if "flags" in sources.colnames else np.zeros(len(x), bool)
+    ny, nx = mask.shape
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sn = flux / err
+    ok = np.isfinite(sn) & (sn >= sn_min) & (sn <= sn_max) & (flags == 0) & np.isfinite(x) & np.isfinite(y)
+    xi = np.round(np.where(np.isfinite(x), x, -1e9)).astype(np.int64)
+    yi = np.round(np.where(np.isfinite(y), y, -1e9)).astype(np.int64)
+    ok &= (xi - half_size >= 0) & (xi + half_size < nx) & (yi - half_size >= 0) & (yi + half_size < ny)
+    radius = half_size if isolation_radius_pix is None else isolation_radius_pix
+    if len(x) > 1 and radius > 0:
+        from scipy.spatial import cKDTree
+
+        finite = np.isfinite(x) & np.isfinite(y)
+        tree = cKDTree(np.column_stack([x[finite], y[finite]]))
+        counts = np.zeros(len(x), int)
+        counts[finite] = np.array([len(n) for n in tree.query_ball_point(tree.data, r=radius)])
+        ok &= counts <= 1
+    bad = masks.any_set(mask, bad_planes)
+    if bad.any():
+        # A stamp is bad if any bad pixel lies within half_size: box-filter the bad map once.
+        from scipy.ndimage import maximum_filter
+
+        near_bad = maximum_filter(bad.astype(np.uint8), size=2 * half_size + 1, mode="constant")
+        candidates = np.flatnonzero(ok)
+        ok[candidates] &= near_bad[yi[candidates], xi[candidates]] == 0
+    indices = np.flatnonzero(ok)
+    indices = indices[np.argsort(-sn[indices], kind="stable")][:max_sources]
+    if len(indices) < min_sources:
+        raise TooFewKernelSourcesError(
+            len(indices), min_sources, f"{len(x)} input sources, S/N in [{sn_min}, {sn_max}], isolated, unmasked"
+        )
+    return indices
+
+
+def _cutouts(image: np.ndarray, xi: np.ndarray, yi: np.ndarray, half: int) -> np.ndarray:
+    offsets = np.arange(-half, half + 1)
+    return image[(yi[:, None] + offsets)[:, :, None], (xi[:, None] + offsets)[:, None, :]]
+
+
+def convolve_stamps(stamps: np.ndarray, basis: KernelBasis) -> np.ndarray:
+    """Convolve stamps (N, S, S) with every basis image, 'valid' region only.
+
+    Returns (N, F, F, n_basis) with ``F = S - K + 1``. Uses the separable raw
+    factors (two 1-d passes) and then the basis transform.
+    """
+    size = basis.size
+    n, s, _ = stamps.shape
+    f = s - size + 1
+    if f < 1:
+        raise ValueError(f"Stamps of size {s} are smaller than the kernel ({size})")
+    # Both 1-d passes are matrix products with banded (Toeplitz) matrices, so they
+    # run in BLAS; identical 1-d factors are convolved once.
+    ux, x_index = np.unique(basis.fx, axis=0, return_inverse=True)
+    uy, y_index = np.unique(basis.fy, axis=0, return_inverse=True)
+    band_x = _band_matrices(ux, s)  # (n_ux, S, F)
+    band_y = _band_matrices(uy, s)
+    tmp = np.matmul(stamps[None], band_x[:, None])  # (n_ux, N, S, F): rows y, columns x
+    raw = np.empty((n, f, f, len(x_index)))
+    for r, (ix, iy) in enumerate(zip(np.ravel(x_index), np.ravel(y_index))):
+        raw[..., r] = np.matmul(band_y[iy].T, tmp[ix])
+    return raw @ basis.transform.T
+
+
+def _band_matrices(factors: np.ndarray, s: int) -> np.ndarray:
+    """M (n, S, F) with ``(row @ M[r])[j] = sum_k factors[r, k] row[j + K - 1 - k]``: a 'valid' convolution."""
+    n_f, size = factors.shape
+    f = s - size + 1
+    out = np.zeros((n_f, s, f))
+    j = np.arange(f)
+    for k in range(size):
+        out[:, j + size - 1 - k, j] = factors[:, k][:, None]
+    return out
+
+
+def _spatial_design(u: np.ndarray, v: np.ndarray, n_basis: int, spatial_order: int, bg_order: int, constant_first: bool):
+    """E (N, n_local, n_theta): local coefficients = E @ theta for each stamp."""
+    n = len(u)
+    p_k = polynomial_terms(u, v, spatial_order).T  # (N, n_sp)
+    p_b = polynomial_terms(u, v, bg_order).T  # (N, n_bg)
+    n_sp, n_bg = p_k.shape[1], p_b.shape[1]
+    first = 1 if constant_first else n_sp
+    n_theta = first + (n_basis - 1) * n_sp + n_bg
+    e = np.zeros((n, n_basis + 1, n_theta))
+    if constant_first:
+        e[:, 0, 0] = 1.0
+    else:
+        e[:, 0, :n_sp] = p_k
+    col = first
+    for b in range(1, n_basis):
+        e[:, b, col : col + n_sp] = p_k
+        col += n_sp
+    e[:, n_basis, col : col + n_bg] = p_b
+    return e
+
+
+def _unpack_theta(theta, n_basis, spatial_order, constant_first):
+    n_sp = _n_terms(spatial_order)
+    coeffs = np.zeros((n_basis, n_sp))
+    if constant_first:
+        coeffs[0, 0] = theta[0]
+        col = 1
+    else:
+        coeffs[0] = theta[:n_sp]
+        col = n_sp
+    for b in range(1, n_basis):
+        coeffs[b] = theta[col : col + n_sp]
+        col += n_sp
+    return coeffs, np.asarray(theta[col:], float)
+
+
+def _robust_sigma(values: np.ndarray) -> float:
+    med = np.median(values)
+    return float(1.4826 * np.median(np.abs(values - med)))
+
+
+def fit_psf_matching_kernel(
+    source_image: np.ndarray,
+    source_variance: np.ndarray,
+    target_image: np.ndarray,
+    target_variance: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    basis: KernelBasis,
+    *,
+    fit_half_size: int | None = None,
+    spatial_order: int = 1,
+    background_order: int = 2,
+    constant_scale: bool = True,
+    max_iterations: int = 3,
+    chi2_floor: float = 2.25,
+    clip_sigma: float = 4.0,
+    kernel_sum_clip_sigma: float = 3.0,
+    max_median_chi2: float = 4.0,
+    min_stamps: int = 3,
+    expected_kernel_sq_sum: float | None = None,
+) -> KernelFitResult:
+    """Fit the matching kernel ``source * kernel + bg ≈ target`` on stamps at (x, y).
+
+    Parameters
+    ----------
+    source_image, source_variance : `numpy.ndarray`
+        Image to be convolved and its variance (finite everywhere).
+    target_image, target_variance : `numpy.ndarray`
+        Image matched to, same shape and pixel grid.
+    x, y : `numpy.ndarray`
+        Stamp centres (pixels; rounded to the nearest pixel), e.g. from
+        `select_kernel_sources`. Stamps must lie inside the image with margin
+        ``fit_half_size + K // 2``.
+    basis : `KernelBasis`
+    fit_half_size : `int`, optional
+        Half-size of the fitted box; default the kernel half-width ``K // 2``.
+    spatial_order, background_order : `int`
+        Polynomial orders of the kernel coefficients and differential background.
+    constant_scale : `bool`
+        Keep the kernel sum (first basis coefficient) constant over the image (ip_diffim AL).
+    max_iterations : `int`
+        Rounds of spatial fit + outlier-stamp rejection.
+    chi2_floor, clip_sigma : `float`
+        A stamp is rejected when its chi²/dof exceeds both ``chi2_floor`` (ip_diffim's
+        residual-std limit 1.5, squared) and ``median + clip_sigma * robust sigma``.
+    kernel_sum_clip_sigma : `float`
+        Per-stamp kernel sums further than this many robust sigmas from the median are rejected.
+    max_median_chi2 : `float`
+        If the median chi²/dof of the used stamps exceeds this, raise `BadPsfMatchError`
+        (``numpy.inf`` disables the check; the value is in the result either way).
+    expected_kernel_sq_sum : `float`, optional
+        Initial guess of ``sum(kernel²)`` for the stamp noise model
+        ``var = target_var + source_var * sum(kernel²)``; default from the middle basis width.
+
+    Returns
+    -------
+    KernelFitResult
+
+    Raises
+    ------
+    TooFewKernelSourcesError
+        Fewer than ``min_stamps`` stamps survive rejection.
+    BadPsfMatchError
+        See ``max_median_chi2``.
+    """
+    x = np.asarray(x, float)
+    y = np.asarray(y, float)
+    n_stamps = len(x)
+    if n_stamps < min_stamps:
+        raise TooFewKernelSourcesError(n_stamps, min_stamps, "before fitting")
+    ny, nx = target_image.shape
+    size = basis.size
+    half_k = size // 2
+    half_fit = half_k if fit_half_size is None else int(fit_half_size)
+    half_src = half_fit + half_k
+    xi = np.round(x).astype(np.int64)
+    yi = np.round(y).astype(np.int64)
+    inside = (xi - half_src >= 0) & (xi + half_src < nx) & (yi - half_src >= 0) & (yi + half_src < ny)
+    if not inside.all():
+        raise ValueError(
+            f"{int((~inside).sum())} kernel stamps extend beyond the image (need a margin of {half_src} px)"
+        )
+    if expected_kernel_sq_sum is None:
+        mid = basis.sigmas_pix[len(basis.sigmas_pix) // 2]
+        expected_kernel_sq_sum = 1.0 / (4.0 * np.pi * mid**2)
+    n_b = basis.n_basis
+    n_l = n_b + 1
+    normal = np.empty((n_stamps, n_l, n_l))
+    rhs = np.empty((n_stamps, n_l))
+    tt = np.empty(n_stamps)
+    chunk = 128
+    for start in range(0, n_stamps, chunk):
+        sl = slice(start, min(start + chunk, n_stamps))
+        src = _cutouts(source_image, xi[sl], yi[sl], half_src)
+        conv = convolve_stamps(src, basis)  # (n, F, F, n_b)
+        tgt = _cutouts(target_image, xi[sl], yi[sl], half_fit)
+        var = _cutouts(target_variance, xi[sl], yi[sl], half_fit) + expected_kernel_sq_sum * _cutouts(
+            source_variance, xi[sl], yi[sl], half_fit
+        )
+        w = 1.0 / np.maximum(var, 1e-300)
+        n = conv.shape[0]
+        a = np.concatenate([conv.reshape(n, -1, n_b), np.ones((n, conv.shape[1] * conv.shape[2], 1))], axis=2)
+        t = tgt.reshape(n, -1)
+        wf = w.reshape(n, -1)
+        aw = a * wf[:, :, None]
+        normal[sl] = np.einsum("npi,npj->nij", aw, a, optimize=True)
+        rhs[sl] = np.einsum("npi,np->ni", aw, t, optimize=True)
+        tt[sl] = np.einsum("np,np->n", t * wf, t)
+    dof = (2 * half_fit + 1) ** 2 - n_l
+
+    def chi2_of(coeffs):
+        quad = np.einsum("ni,nij,nj->n", coeffs, normal, coeffs)
+        return (tt - 2.0 * np.einsum("ni,ni->n", coeffs, rhs) + quad) / dof
+
+    # 1. per-stamp solutions
+    local = np.zeros((n_stamps, n_l))
+    good_local = np.ones(n_stamps, bool)
+    for n in range(n_stamps):
+        try:
+            local[n] = np.linalg.solve(normal[n], rhs[n])
+        except np.linalg.LinAlgError:
+            good_local[n] = False
+    chi2_local = np.where(good_local, chi2_of(local), np.inf)
+    ksum_local = local[:, 0].copy()
+    used = good_local & np.isfinite(chi2_local)
+    if used.sum() >= min_stamps:
+        c = chi2_local[used]
+        limit = max(chi2_floor, np.median(c) + clip_sigma * _robust_sigma(c))
+        used &= chi2_local <= limit
+    if used.sum() >= min_stamps and kernel_sum_clip_sigma > 0:
+        ks = ksum_local[used]
+        sig = _robust_sigma(ks)
+        if sig > 0:
+            used &= np.abs(ksum_local - np.median(ks)) <= kernel_sum_clip_sigma * sig
+    if used.sum() < min_stamps:
+        raise TooFewKernelSourcesError(int(used.sum()), min_stamps, "after per-stamp rejection")
+
+    # 2. spatial fit with iterative rejection
+    bbox = (0.0, 0.0, float(nx - 1), float(ny - 1))
+    u, v = normalised_position(x, y, bbox)
+    e = _spatial_design(u, v, n_b, spatial_order, background_order, constant_scale)
+    iterations = 0
+    chi2_spatial = chi2_local
+    theta = None
+    for iterations in range(1, max_iterations + 1):
+        eu = e[used]
+        big_m = np.einsum("nli,nlm,nmj->ij", eu, normal[used], eu, optimize=True)
+        big_r = np.einsum("nli,nl->i", eu, rhs[used], optimize=True)
+        try:
+            theta = np.linalg.solve(big_m, big_r)
+        except np.linalg.LinAlgError:
+            theta = np.linalg.lstsq(big_m, big_r, rcond=None)[0]
+        coeffs = np.einsum("nli,i->nl", e, theta)
+        chi2_spatial = chi2_of(coeffs)
+        c = chi2_spatial[used]
+        limit = max(chi2_floor, np.median(c) + clip_sigma * _robust_sigma(c))
+        reject = used & (chi2_spatial > limit)
+        if not reject.any():
+            break
+        if used.sum() - reject.sum() < min_stamps:
+            break
+        used &= ~reject
+        if iterations == max_iterations:
+            # refit once more on the cleaned set so the solution matches `used`
+            eu = e[used]
+            big_m = np.einsum("nli,nlm,nmj->ij", eu, normal[used], eu, optimize=True)
+            big_r = np.einsum("nli,nl->i", eu, rhs[used], optimize=True)
+            theta = np.linalg.lstsq(big_m, big_r, rcond=None)[0]
+            chi2_spatial = chi2_of(np.einsum("nli,i->nl", e, theta))
+    kernel_coeffs, bg_coeffs = _unpack_theta(theta, n_b, spatial_order, constant_scale)
+    solution = KernelSolution(
+        basis=basis,
+        kernel_coeffs=kernel_coeffs,
+        background_coeffs=bg_coeffs,
+        spatial_order=spatial_order,
+        background_order=background_order,
+        bbox=bbox,
+    )
+    # Re-normalise chi² to the fitted kernel's noise (the fit used a guessed sum(kernel²)).
+    ksq = float((solution.kernel_image() ** 2).sum())
+    median_chi2 = float(np.median(chi2_spatial[used]))
+    result = KernelFitResult(
+        solution=solution,
+        used=used,
+        chi2_local=chi2_local,
+        chi2_spatial=chi2_spatial,
+        kernel_sum_local=ksum_local,
+        n_iterations=iterations,
+        median_chi2=median_chi2,
+        metadata={
+            "kernel_size": size,
+            "n_stamps_input": n_stamps,
+            "n_stamps_used": int(used.sum()),
+            "n_stamps_rejected": int(n_stamps - used.sum()),
+            "kernel_sq_sum": ksq,
+            "kernel_sq_sum_assumed": float(expected_kernel_sq_sum),
+            "median_chi2_per_dof": median_chi2,
+            "spatial_iterations": iterations,
+        },
+    )
+    if median_chi2 > max_median_chi2:
+        raise BadPsfMatchError(median_chi2, max_median_chi2)
+    return result
