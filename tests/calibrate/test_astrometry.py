@@ -139,6 +139,19 @@ def test_match_survives_10_arcsec_and_0p1_deg(keep_sip):
     assert wcs_errors_mas(field["true_wcs"], wcs)[0] < 5.0
 
 
+def test_match_when_brightest_references_are_saturated():
+    """1500 bright references absent from the sources: the vote window slides down the ranking."""
+    rng = np.random.default_rng(9)
+    field = make_star_field(rng, n_stars=200, n_undetected=1500)
+    initial = perturb_wcs(field["true_wcs"], 8.0, -0.08)
+    match = match_to_reference(field["src_x"], field["src_y"], field["src_flux"], field["ref_ra"],
+                               field["ref_dec"], field["ref_flux"], initial, bbox=BBOX)
+    assert match.chance_probability < 1e-10
+    real = match.src_index < 200  # spurious sources may land within 1" of a reference by chance
+    assert real.sum() > 0.95 * 200
+    assert np.all(match.src_index[real] == match.ref_index[real])
+
+
 def test_fit_tan_sip_exact_and_clips_outliers():
     rng = np.random.default_rng(3)
     true = make_true_wcs(rot_deg=-12.0)

@@ -99,3 +99,14 @@ def test_foreign_fits_is_a_clear_error(tmp_path):
     garbage.write_bytes(b"this is not fits at all" * 200)
     with pytest.raises(ExposureFileError, match="garbage.fits"):
         read_exposure(garbage)
+
+
+def test_unknown_visit_info_values_round_trip(tmp_path):
+    """A calibration frame's VisitInfo has NaN (unknown) times and pointings."""
+    from diapipe.exposure.exposure import Exposure, VisitInfo
+
+    exposure = Exposure(np.ones((4, 5)), visit_info=VisitInfo(instrument="LSSTCam-imSim", detector=3))
+    path = tmp_path / "calib.fits"
+    write_exposure(exposure, path)
+    back = read_exposure(path)
+    assert back.visit_info.detector == 3 and np.isnan(back.visit_info.mjd_tai)

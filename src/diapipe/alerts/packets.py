@@ -275,7 +275,7 @@ def make_cutout(
         mhdr = header.copy()
         del mhdr["BUNIT"]
         for key, value in plane_header().items():
-            mhdr[key] = value
+            mhdr[key if len(key) <= 8 else f"HIERARCH {key}"] = value
         hdus.append(fits.ImageHDU(m, header=mhdr, name="MASK"))
     if hasattr(psf_image, "compute_kernel_image"):
         kernel = psf_image.compute_kernel_image(x, y)

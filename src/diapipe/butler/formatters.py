@@ -21,7 +21,7 @@ from lsst.resources import ResourcePath
 from ..exposure.exposure import Exposure
 from ..exposure.fits import COMPONENTS, read_exposure, write_exposure
 
-__all__ = ["ExposureFormatter", "ExposureDelegate", "SkyMapFormatter", "ArraysFormatter"]
+__all__ = ["ExposureFormatter", "ExposureDelegate", "SkyMapFormatter", "ArraysFormatter", "PsfFormatter"]
 
 
 class ExposureFormatter(FormatterV2):
@@ -132,3 +132,35 @@ class ArraysFormatter(FormatterV2):
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         return buffer.getvalue()
+
+
+class PsfFormatter(FormatterV2):
+    """A `PixelPsf` alone (e.g. the simulator's true PSF), as a FITS cube.
+
+    The primary HDU holds the basis (n_terms, K, K); ORDER and BBOX0..3 the
+    polynomial order and the normalisation box.
+    """
+
+    default_extension = ".fits"
+    can_read_from_local_file = True
+    unsupported_parameters = None
+
+    def read_from_local_file(self, path: str, component: str | None = None, expected_size: int = -1) -> Any:
+        from astropy.io import fits
+
+        from ..exposure.psf import PixelPsf
+
+        with fits.open(path) as hdul:
+            header = hdul[0].header
+            return PixelPsf(
+                np.array(hdul[0].data), int(header["ORDER"]), tuple(float(header[f"BBOX{i}"]) for i in range(4))
+            )
+
+    def write_local_file(self, in_memory_dataset: Any, uri: ResourcePath) -> None:
+        from astropy.io import fits
+
+        hdu = fits.PrimaryHDU(in_memory_dataset.basis)
+        hdu.header["ORDER"] = in_memory_dataset.order
+        for i, value in enumerate(in_memory_dataset.bbox):
+            hdu.header[f"BBOX{i}"] = value
+        hdu.writeto(uri.ospath, overwrite=True)

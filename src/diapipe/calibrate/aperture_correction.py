@@ -147,7 +147,8 @@ def fit_aperture_correction(x, y, aperture_flux, aperture_flux_err, psf_flux, ps
     ApertureCorrectionError
         Too few usable stars.
     """
-    arrays = [np.asarray(a, dtype=float) for a in (x, y, aperture_flux, aperture_flux_err, psf_flux, psf_flux_err)]
+    arrays = [np.asarray(a, dtype=float)
+              for a in (x, y, aperture_flux, aperture_flux_err, psf_flux, psf_flux_err)]
     if len({a.shape for a in arrays}) != 1:
         raise ValueError("x, y, aperture_flux(_err) and psf_flux(_err) must have the same shape")
     x, y, ap, ap_err, psf, psf_err = arrays
@@ -156,24 +157,28 @@ def fit_aperture_correction(x, y, aperture_flux, aperture_flux_err, psf_flux, ps
                  & (psf_err >= 0) & (ap / ap_err >= min_snr))
     idx = np.flatnonzero(valid)
     if len(idx) < 1 + min_dof:
-        raise ApertureCorrectionError(f"only {len(idx)} usable aperture-correction stars (S/N >= {min_snr:g}); "
-                                      f"need {1 + min_dof}", n_stars=len(idx), threshold=1 + min_dof)
+        raise ApertureCorrectionError(f"only {len(idx)} usable aperture-correction stars "
+                                      f"(S/N >= {min_snr:g}); need {1 + min_dof}",
+                                      n_stars=len(idx), threshold=1 + min_dof)
     ratio = ap[idx] / psf[idx]
     sigma = ratio * np.hypot(ap_err[idx] / ap[idx], psf_err[idx] / psf[idx])
     correction = ApertureCorrection.constant(1.0, bbox)
     u, v = correction._normalised(x[idx], y[idx])
     keep = np.ones(len(idx), dtype=bool)
-    # Gross outliers first: against the median ratio and the robust spread.
-    z = (ratio - np.median(ratio)) / sigma
-    keep &= np.abs(z) <= n_sigma * max(1.0, 1.4826 * np.median(np.abs(z - np.median(z))))
+    if len(idx) >= 10:
+        # Gross outliers first, against the median ratio and the robust spread (which includes
+        # the spatial trend), so that bright blends cannot pull the first fit.
+        z = (ratio - np.median(ratio)) / sigma
+        keep &= np.abs(z) <= n_sigma * max(1.0, 1.4826 * np.median(np.abs(z - np.median(z))))
     used_order = order
     for _ in range(max_iter):
         used_order = order
         while used_order > 0 and keep.sum() < (used_order + 1) * (used_order + 2) // 2 + min_dof:
             used_order -= 1
         if keep.sum() < 1 + min_dof:
-            raise ApertureCorrectionError(f"only {keep.sum()} aperture-correction stars survive clipping; "
-                                          f"need {1 + min_dof}", n_stars=int(keep.sum()), threshold=1 + min_dof)
+            raise ApertureCorrectionError(
+                f"only {keep.sum()} aperture-correction stars survive clipping; need {1 + min_dof}",
+                n_stars=int(keep.sum()), threshold=1 + min_dof)
         design = polynomial_terms(u, v, used_order).T
         w = 1.0 / sigma
         coeffs, *_ = np.linalg.lstsq(design[keep] * w[keep, None], ratio[keep] * w[keep], rcond=None)

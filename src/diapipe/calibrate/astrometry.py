@@ -77,8 +77,8 @@ class ReferenceMatch:
         Rotation of the source positions (counter-clockwise in pixel coordinates, about
         the bbox centre) found by the pattern search.
     n_votes : `int`
-        Height of the offset-histogram peak; ``significance`` its Poisson probability
-        (with look-elsewhere factor) of arising by chance.
+        Height of the offset-histogram peak; ``chance_probability`` its Poisson probability
+        (with look-elsewhere factor) of arising from unrelated catalogues.
     n_refs_in_footprint : `int`
         References projected inside the (grown) detector box.
     """
@@ -89,7 +89,7 @@ class ReferenceMatch:
     shift_pix: tuple[float, float]
     rotation_deg: float
     n_votes: int
-    significance: float
+    chance_probability: float
     n_refs_in_footprint: int
 
     def __len__(self) -> int:
@@ -212,7 +212,7 @@ def _offset_vote(sx, sy, rx, ry, bbox, max_offset_pix, max_rotation_deg, bin_pix
 
 def match_to_reference(src_x, src_y, src_flux, ref_ra, ref_dec, ref_flux, initial_wcs: WCS, *,
                        bbox=None, max_offset_arcsec: float = 20.0, max_rotation_deg: float = 0.3,
-                       n_bright_src: int = 150, n_bright_ref: int = 300, bin_arcsec: float = 0.5,
+                       n_bright_src: int = 200, n_bright_ref: int = 500, bin_arcsec: float = 0.5,
                        match_radius_arcsec: float = 1.0, min_matches: int = 6,
                        max_chance_probability: float = 1e-3) -> ReferenceMatch:
     """Match sources to reference objects despite a pointing error of the initial WCS.
@@ -235,7 +235,9 @@ def match_to_reference(src_x, src_y, src_flux, ref_ra, ref_dec, ref_flux, initia
         Search range of the pointing error and of the rotation error of the initial WCS.
     n_bright_src, n_bright_ref : `int`
         Numbers of brightest sources / references used in the offset vote. More references
-        than sources tolerates a catalogue deeper than the detections.
+        than sources tolerates a catalogue deeper than the detections; if the brightest
+        references give no significant peak (e.g. they are saturated on the image), a window
+        of ``n_bright_ref`` slides down the reference ranking by half its size.
     bin_arcsec : `float`
         Histogram bin of the vote; also sets the rotation step (bin / detector half-diagonal).
     match_radius_arcsec : `float`
@@ -276,12 +278,21 @@ def match_to_reference(src_x, src_y, src_flux, ref_ra, ref_dec, ref_flux, initia
             f"only {len(in_fp)} reference objects fall on the detector with the initial WCS "
             f"(need {min_matches}): wrong reference shards or a grossly wrong initial WCS?",
             n_matches=0, threshold=min_matches)
-    rflux = np.ones(len(in_fp)) if ref_flux is None else np.asarray(ref_flux, dtype=float)[in_fp]
-    ri = in_fp[_brightest(-np.arange(len(in_fp)) if ref_flux is None else rflux, n_bright_ref)]
+    ranked = in_fp if ref_flux is None else in_fp[_brightest(np.asarray(ref_flux, dtype=float)[in_fp],
+                                                              len(in_fp))]
     si = np.flatnonzero(good_src)[_brightest(src_flux[good_src], n_bright_src)]
     bin_pix = bin_arcsec / scale
-    rot, shift, votes, p_chance = _offset_vote(src_x[si], src_y[si], rx[ri], ry[ri], bbox,
-                                               max_offset_pix, max_rotation_deg, bin_pix)
+    # Slide a window down the reference brightness ranking until the vote is significant:
+    # the brightest references may be saturated, hence absent from the sources.
+    start = 0
+    while True:
+        ri = ranked[start:start + n_bright_ref]
+        rot, shift, votes, p_chance = _offset_vote(src_x[si], src_y[si], rx[ri], ry[ri], bbox,
+                                                   max_offset_pix, max_rotation_deg, bin_pix)
+        start += max(n_bright_ref // 2, 1)
+        found = p_chance <= max_chance_probability and votes >= min_matches
+        if found or start + n_bright_ref // 2 >= len(ranked):
+            break
     if p_chance > max_chance_probability or votes < min_matches:
         raise AstrometryError(
             f"no significant source-reference offset found: best peak {votes} pairs "
@@ -305,8 +316,8 @@ def match_to_reference(src_x, src_y, src_flux, ref_ra, ref_dec, ref_flux, initia
         order = min(order, max(1, int(np.sqrt(len(i) / 3)) - 1))
         design_all = _poly_design((src_x[gi] - xc) / half, (src_y[gi] - yc) / half, order)
         design = design_all[i]
-        cx, *_ = np.linalg.lstsq(design, rx[in_fp][j], rcond=None)
-        cy, *_ = np.linalg.lstsq(design, ry[in_fp][j], rcond=None)
+        coef, *_ = np.linalg.lstsq(design, np.column_stack([rx[in_fp][j], ry[in_fp][j]]), rcond=None)
+        cx, cy = coef[:, 0], coef[:, 1]
         resid = np.hypot(design @ cx - rx[in_fp][j], design @ cy - ry[in_fp][j])
         px, py = design_all @ cx, design_all @ cy
         rms = np.sqrt(np.mean(resid**2))
@@ -317,7 +328,7 @@ def match_to_reference(src_x, src_y, src_flux, ref_ra, ref_dec, ref_flux, initia
                               n_matches=len(i), threshold=min_matches)
     return ReferenceMatch(src_index=gi[i], ref_index=in_fp[j], separation_arcsec=dist * scale,
                           shift_pix=shift, rotation_deg=float(rot), n_votes=votes,
-                          significance=p_chance, n_refs_in_footprint=len(in_fp))
+                          chance_probability=p_chance, n_refs_in_footprint=len(in_fp))
 
 
 @dataclasses.dataclass
@@ -365,18 +376,18 @@ def _fit_tan_sip_detail(x, y, ra, dec, *, crpix=None, crval=None, sip_order=3, i
         for _it in range(4):  # move CRVAL until the polynomial has no constant term
             proj = _tan_projector(crval)
             xi, eta = proj.wcs_world2pix(ra, dec, 1)
-            cxi, *_ = np.linalg.lstsq(design[used] * sw, xi[used] * sw[:, 0], rcond=None)
-            ceta, *_ = np.linalg.lstsq(design[used] * sw, eta[used] * sw[:, 0], rcond=None)
+            coef, *_ = np.linalg.lstsq(design[used] * sw, np.column_stack([xi, eta])[used] * sw, rcond=None)
+            cxi, ceta = coef[:, 0], coef[:, 1]
             crval = np.array([float(c) for c in proj.wcs_pix2world(cxi[0], ceta[0], 1)])
             if np.hypot(cxi[0], ceta[0]) * _DEG2MAS < 1e-3:
                 break
         proj = _tan_projector(crval)
         xi, eta = proj.wcs_world2pix(ra, dec, 1)
         resid = np.column_stack([xi - design @ cxi + cxi[0], eta - design @ ceta + ceta[0]]) * _DEG2MAS
-        r = np.hypot(resid[:, 0], resid[:, 1])
-        sigma = 1.4826 * np.median(np.abs(resid[used]))
-        # Floor of 0.1 mas: noiseless (simulated) inputs must not clip on rounding errors.
-        new_used = used & (r <= clip_radius * max(sigma, 0.1))
+        # Per-axis robust sigma (outliers are often along one axis), floored at 0.1 mas so
+        # that noiseless (simulated) inputs do not clip on rounding errors.
+        sigma = np.maximum(1.4826 * np.median(np.abs(resid[used]), axis=0), 0.1)
+        new_used = used & (np.hypot(*(resid / sigma).T) <= clip_radius)
         if np.array_equal(new_used, used):
             break
         used = new_used
@@ -398,8 +409,8 @@ def _fit_tan_sip_detail(x, y, ra, dec, *, crpix=None, crval=None, sip_order=3, i
     fv = gv + sum(b[p, q] * gu**p * gv**q for p, q in exps if p + q >= 2)
     iexps = [(d - q, q) for d in range(inverse_order + 1) for q in range(d + 1)]
     idesign = np.column_stack([(fu / su) ** p * (fv / sv) ** q for p, q in iexps])
-    cap, *_ = np.linalg.lstsq(idesign, gu - fu, rcond=None)
-    cbp, *_ = np.linalg.lstsq(idesign, gv - fv, rcond=None)
+    coef, *_ = np.linalg.lstsq(idesign, np.column_stack([gu - fu, gv - fv]), rcond=None)
+    cap, cbp = coef[:, 0], coef[:, 1]
     inv_err = float(np.max(np.hypot(idesign @ cap - (gu - fu), idesign @ cbp - (gv - fv))))
     ap = np.zeros((inverse_order + 1, inverse_order + 1))
     bp = np.zeros_like(ap)
@@ -422,8 +433,9 @@ def _fit_tan_sip_detail(x, y, ra, dec, *, crpix=None, crval=None, sip_order=3, i
     return _TanSipFit(wcs=wcs, used=used, resid_mas=resid, sip_order=sip_order, inverse_max_err_pix=inv_err)
 
 
-def fit_tan_sip(x, y, ra, dec, *, crpix=None, crval=None, sip_order: int = 3, inverse_order: int | None = None,
-                bbox=None, sigma_pix=None, n_sigma: float = 3.0, max_clip_iter: int = 5) -> WCS:
+def fit_tan_sip(x, y, ra, dec, *, crpix=None, crval=None, sip_order: int = 3,
+                inverse_order: int | None = None, bbox=None, sigma_pix=None, n_sigma: float = 3.0,
+                max_clip_iter: int = 5) -> WCS:
     """Fit a TAN-SIP WCS to matched pixel and sky positions by sigma-clipped least squares.
 
     The model, with :math:`(u, v)` the pixel offsets from CRPIX and :math:`(\\xi, \\eta)` the
@@ -479,9 +491,15 @@ def fit_tan_sip(x, y, ra, dec, *, crpix=None, crval=None, sip_order: int = 3, in
                                n_sigma=n_sigma, max_clip_iter=max_clip_iter).wcs
 
 
+def _rotation_deg(initial: WCS, fitted: WCS) -> float:
+    rel = initial.pixel_scale_matrix @ np.linalg.inv(fitted.pixel_scale_matrix)
+    return float(np.degrees(np.arctan2(rel[1, 0] - rel[0, 1], rel[0, 0] + rel[1, 1])))
+
+
 def fit_wcs(src_x, src_y, src_flux, ref_ra, ref_dec, ref_flux, initial_wcs: WCS, *, bbox=None,
             sip_order: int = 3, crpix=None, n_iter: int = 3, match_radius_arcsec: float = 0.5,
-            min_matches: int = 10, max_rms_mas: float = 200.0, sigma_pix=None, **match_kwargs) -> tuple[WCS, dict]:
+            min_matches: int = 10, max_rms_mas: float = 200.0, sigma_pix=None,
+            **match_kwargs) -> tuple[WCS, dict]:
     """Match to the reference catalogue and fit a TAN-SIP WCS; re-match with each new fit.
 
     Parameters
@@ -521,8 +539,9 @@ def fit_wcs(src_x, src_y, src_flux, ref_ra, ref_dec, ref_flux, initial_wcs: WCS,
         ``n_matches`` (used in the final fit), ``n_matched`` (before clipping),
         ``rms_mas`` (2-D RMS of the fit residuals), ``rms_ra_mas``/``rms_dec_mas``,
         ``median_sep_mas``, ``offset_ra_arcsec``/``offset_dec_arcsec`` (fitted minus initial
-        position of the bbox centre; RA offset times cos(dec)), ``rotation_deg`` (of the
-        initial WCS found by the matcher), ``sip_order``, ``inverse_max_err_pix``,
+        position of the bbox centre; RA offset times cos(dec)), ``rotation_deg`` (rotation of
+        the initial CD matrix relative to the fitted one, counter-clockwise on the tangent plane),
+        ``match_rotation_deg`` (coarse rotation found by the matcher), ``sip_order``, ``inverse_max_err_pix``,
         ``n_refs_in_footprint``, ``src_index``/``ref_index`` (the final matches, arrays).
 
     Raises
@@ -579,7 +598,8 @@ def fit_wcs(src_x, src_y, src_flux, ref_ra, ref_dec, ref_flux, initial_wcs: WCS,
         "median_sep_mas": float(np.median(np.hypot(res[:, 0], res[:, 1]))),
         "offset_ra_arcsec": float(((ra1 - ra0 + 180) % 360 - 180) * np.cos(np.radians(dec1)) * 3600),
         "offset_dec_arcsec": float((dec1 - dec0) * 3600),
-        "rotation_deg": match.rotation_deg,
+        "rotation_deg": _rotation_deg(initial_wcs, wcs),
+        "match_rotation_deg": match.rotation_deg,
         "sip_order": fit.sip_order,
         "inverse_max_err_pix": fit.inverse_max_err_pix,
         "n_refs_in_footprint": match.n_refs_in_footprint,

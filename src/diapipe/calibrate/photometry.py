@@ -254,7 +254,8 @@ def fit_zero_point(inst_flux, inst_flux_err, ref_flux_njy, ref_flux_err_njy=None
     ref = np.asarray(ref_flux_njy, dtype=float)
     ref_err = np.zeros_like(ref) if ref_flux_err_njy is None else np.asarray(ref_flux_err_njy, dtype=float)
     if not (inst.shape == inst_err.shape == ref.shape == ref_err.shape):
-        raise ValueError("inst_flux, inst_flux_err, ref_flux_njy and ref_flux_err_njy must have the same shape")
+        raise ValueError("inst_flux, inst_flux_err, ref_flux_njy and ref_flux_err_njy must have the "
+                         "same shape")
     if colour_term_coeffs is not None:
         if ref_colour_mag is None:
             raise ValueError("colour_term_coeffs needs ref_colour_mag")
@@ -267,8 +268,8 @@ def fit_zero_point(inst_flux, inst_flux_err, ref_flux_njy, ref_flux_err_njy=None
                  & (inst > 0) & (ref > 0) & (inst_err > 0) & (ref_err >= 0) & (inst / inst_err >= min_snr))
     idx = np.flatnonzero(valid)
     if len(idx) < min_stars:
-        raise PhotometryError(f"only {len(idx)} usable calibration stars (positive fluxes, S/N >= {min_snr:g}); "
-                              f"need {min_stars}", n_stars=len(idx), threshold=min_stars)
+        raise PhotometryError(f"only {len(idx)} usable calibration stars (positive fluxes, "
+                              f"S/N >= {min_snr:g}); need {min_stars}", n_stars=len(idx), threshold=min_stars)
     r = np.log(ref[idx] / inst[idx])
     var = (inst_err[idx] / inst[idx]) ** 2 + (ref_err[idx] / ref[idx]) ** 2
     # Robust start: median and the robust spread of normalised residuals.

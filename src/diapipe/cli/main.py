@@ -37,6 +37,20 @@ def _cmd_make_repo(args) -> int:
     return 0
 
 
+def _cmd_simulate(args) -> int:
+    from ..sim.simulate import simulate_repo
+
+    bands = args.bands.split(",") if args.bands else None
+    summary = simulate_repo(args.repo, args.preset, seed=args.seed, bands=bands, jobs=args.jobs, progress=print)
+    print(
+        f"Simulated preset {summary.preset} into {summary.repo}: {len(summary.visits)} visits x "
+        f"{len(summary.detectors)} detectors, {summary.n_sky_objects} sky objects, "
+        f"{summary.n_refcat} refcat stars, in {summary.seconds:.0f} s. Collections: "
+        f"{summary.collections['preset']} -> 2.2i/defaults; truth in {summary.collections['truth']}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diapipe", description=__doc__)
     parser.add_argument("--log-level", default="INFO", help="Python logging level (default INFO)")
@@ -53,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated tract ids to register (default: DC2's footprint, tracts 2553-5074)",
     )
     p.set_defaults(func=_cmd_make_repo)
+
+    from ..sim.presets import PRESETS
+
+    p = sub.add_parser("simulate", help="simulate a DC2-like data set (raws, calibs, refcat, truth) into a repository")
+    p.add_argument("repo", help="repository path (created if absent; must hold no raws yet)")
+    p.add_argument("--preset", default="ci_imsim", choices=sorted(PRESETS), help="what to simulate (default ci_imsim)")
+    p.add_argument("--seed", type=int, default=1, help="random seed: same seed, same pixels (default 1)")
+    p.add_argument("--bands", default=None, help="comma-separated bands, overriding the preset's (e.g. g,r)")
+    p.add_argument("-j", "--jobs", type=int, default=1, help="worker processes (default 1)")
+    p.set_defaults(func=_cmd_simulate)
     return parser
 
 

@@ -303,6 +303,15 @@ def _spatial_design(u: np.ndarray, v: np.ndarray, n_basis: int, spatial_order: i
     return e
 
 
+def _spatial_normal(e: np.ndarray, normal: np.ndarray, rhs: np.ndarray):
+    """Global normal equations sum_n E_nᵀ M_n E_n, sum_n E_nᵀ r_n."""
+    n, n_l, n_theta = e.shape
+    me = normal @ e  # (n, n_l, n_theta)
+    big_m = e.reshape(n * n_l, n_theta).T @ me.reshape(n * n_l, n_theta)
+    big_r = e.reshape(n * n_l, n_theta).T @ rhs.reshape(n * n_l)
+    return big_m, big_r
+
+
 def _unpack_theta(theta, n_basis, spatial_order, constant_first):
     n_sp = _n_terms(spatial_order)
     coeffs = np.zeros((n_basis, n_sp))
@@ -428,14 +437,15 @@ def fit_psf_matching_kernel(
         t = tgt.reshape(n, -1)
         wf = w.reshape(n, -1)
         aw = a * wf[:, :, None]
-        normal[sl] = np.einsum("npi,npj->nij", aw, a, optimize=True)
-        rhs[sl] = np.einsum("npi,np->ni", aw, t, optimize=True)
-        tt[sl] = np.einsum("np,np->n", t * wf, t)
+        # plain einsum: batched matmul of many small matrices is slower here
+        normal[sl] = np.einsum("npi,npj->nij", aw, a)
+        rhs[sl] = np.einsum("npi,np->ni", aw, t)
+        tt[sl] = ((t * wf) * t).sum(axis=1)
     dof = (2 * half_fit + 1) ** 2 - n_l
 
     def chi2_of(coeffs):
-        quad = np.einsum("ni,nij,nj->n", coeffs, normal, coeffs)
-        return (tt - 2.0 * np.einsum("ni,ni->n", coeffs, rhs) + quad) / dof
+        quad = (coeffs * (normal @ coeffs[:, :, None])[:, :, 0]).sum(axis=1)
+        return (tt - 2.0 * (coeffs * rhs).sum(axis=1) + quad) / dof
 
     # 1. per-stamp solutions
     local = np.zeros((n_stamps, n_l))
@@ -468,14 +478,12 @@ def fit_psf_matching_kernel(
     chi2_spatial = chi2_local
     theta = None
     for iterations in range(1, max_iterations + 1):
-        eu = e[used]
-        big_m = np.einsum("nli,nlm,nmj->ij", eu, normal[used], eu, optimize=True)
-        big_r = np.einsum("nli,nl->i", eu, rhs[used], optimize=True)
+        big_m, big_r = _spatial_normal(e[used], normal[used], rhs[used])
         try:
             theta = np.linalg.solve(big_m, big_r)
         except np.linalg.LinAlgError:
             theta = np.linalg.lstsq(big_m, big_r, rcond=None)[0]
-        coeffs = np.einsum("nli,i->nl", e, theta)
+        coeffs = e @ theta
         chi2_spatial = chi2_of(coeffs)
         c = chi2_spatial[used]
         limit = max(chi2_floor, np.median(c) + clip_sigma * _robust_sigma(c))
@@ -487,11 +495,9 @@ def fit_psf_matching_kernel(
         used &= ~reject
         if iterations == max_iterations:
             # refit once more on the cleaned set so the solution matches `used`
-            eu = e[used]
-            big_m = np.einsum("nli,nlm,nmj->ij", eu, normal[used], eu, optimize=True)
-            big_r = np.einsum("nli,nl->i", eu, rhs[used], optimize=True)
+            big_m, big_r = _spatial_normal(e[used], normal[used], rhs[used])
             theta = np.linalg.lstsq(big_m, big_r, rcond=None)[0]
-            chi2_spatial = chi2_of(np.einsum("nli,i->nl", e, theta))
+            chi2_spatial = chi2_of(e @ theta)
     kernel_coeffs, bg_coeffs = _unpack_theta(theta, n_b, spatial_order, constant_scale)
     solution = KernelSolution(
         basis=basis,

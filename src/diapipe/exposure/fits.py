@@ -100,7 +100,8 @@ def write_exposure(exposure: Exposure, path: str | os.PathLike) -> None:
         header["PHOTCERR"] = (exposure.photo_calib.calibration_err, "error of PHOTCALB")
     if exposure.visit_info is not None:
         for key, value in exposure.visit_info.to_dict().items():
-            if value is not None:
+            # human-readable copy; NaN (unknown) is not allowed in FITS cards, the ARCHIVE keeps it
+            if value is not None and not (isinstance(value, float) and np.isnan(value)):
                 header[f"HIERARCH VI_{key.upper()}"] = value
 
     wcs_header = _local_wcs_header(exposure)

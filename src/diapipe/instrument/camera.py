@@ -26,8 +26,9 @@ overscan rows). Assembly flips each amp's data according to ``flip_x``/``flip_y`
 
 Sky mapping: focal-plane radius r (mm) maps to field angle
 ``theta = 20.006 * r + 1.0e-7 * r**3`` arcsec (plate scale 20.006"/mm at the centre; the cubic
-pincushion term is our choice, +2.7" at r = 300 mm and +3.5" at the outermost science pixel,
-r ~ 328 mm, "a few arcsec at the field edge"). rotSkyPos follows Rubin: it is the sky position
+pincushion term is our choice: +2.7" at r = 300 mm and +5.0" at the outermost science pixel
+(outer corners of R01_S00, R03_S02, R41_S20, R43_S22, r ~ 369 mm, 2.05 deg) -- "a few arcsec at the
+field edge"). rotSkyPos follows Rubin: it is the sky position
 angle (east of north) of the focal-plane +y axis; +x then points at position angle
 rotSkyPos - 90 deg, so the sky has its usual parity (north up, east left at rotSkyPos = 0).
 """

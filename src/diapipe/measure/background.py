@@ -4,8 +4,8 @@ The image is cut into ``bin_size`` x ``bin_size`` cells. In each cell the sky
 level is estimated from the pixels that are not masked (bad, saturated, no
 data, already detected...) with an iteratively sigma-clipped statistic, which
 rejects the undetected wings of sources and cosmic rays that a plain mean
-would absorb. The grid of cell values is median-filtered (as SExtractor does)
-to kill cells spoiled by a bright star and then interpolated to full
+would absorb. The grid of cell values is median-filtered (as SExtractor does, but only
+where it stands out from its neighbours, to kill cells spoiled by a bright star and then interpolated to full
 resolution with a natural cubic spline through the cell centres (or
 bilinearly). The model is kept as its grid so that it can be written to disk
 (``to_arrays``) and re-evaluated later, as Rubin's ``icExpBackground`` /
@@ -205,6 +205,7 @@ def estimate_background(
     n_iter: int = 3,
     min_fraction: float = 0.2,
     filter_size: int = 3,
+    filter_threshold: float = 4.0,
     interpolation: str = "spline",
 ) -> Background:
     """Estimate a smooth background from sigma-clipped statistics in cells.
@@ -230,8 +231,13 @@ def estimate_background(
     min_fraction : `float`
         Cells with fewer usable pixels than this fraction are replaced by
         the median of their valid neighbours.
-    filter_size : `int`
-        Size of the median filter applied to the cell grid (1 = none).
+    filter_size, filter_threshold : `int`, `float`
+        Cells that differ from the median of their ``filter_size`` x
+        ``filter_size`` neighbourhood by more than ``filter_threshold``
+        robust sigmas of those differences (a cell spoiled by a bright star
+        or a bleed trail) are replaced by that median. Unlike SExtractor's
+        unconditional median filter, this leaves smooth gradients and the
+        grid corners unbiased. ``filter_size=1`` disables it.
     interpolation : {"spline", "bilinear"}
 
     Returns
@@ -282,10 +288,19 @@ def estimate_background(
     values = _fill_missing(values)
     rms = _fill_missing(rms)
     if filter_size > 1 and min(values.shape) >= filter_size:
-        values = ndimage.median_filter(values, size=filter_size, mode="nearest")
+        values = _replace_outlier_cells(values, filter_size, filter_threshold)
     x_centers = 0.5 * (x_edges[:-1] + x_edges[1:]) - 0.5
     y_centers = 0.5 * (y_edges[:-1] + y_edges[1:]) - 0.5
     return Background(values, x_centers, y_centers, (ny, nx), rms=rms, interpolation=interpolation)
+
+
+def _replace_outlier_cells(values: np.ndarray, size: int, threshold: float) -> np.ndarray:
+    filtered = ndimage.median_filter(values, size=size, mode="nearest")
+    dev = values - filtered
+    scale = 1.4826 * np.median(np.abs(dev - np.median(dev)))
+    if not scale > 0:
+        return values
+    return np.where(np.abs(dev) > threshold * scale, filtered, values)
 
 
 def _fill_missing(grid: np.ndarray) -> np.ndarray:

@@ -234,8 +234,8 @@ def electrons_to_raw(
 
     Every row of an amplifier (prescan, data, serial overscan; parallel overscan rows too) gets
     the amp's bias level, a per-exposure offset (sigma 1 ADU) and a slow drift along the readout
-    (a random-phase sinusoid of amplitude ``bias_drift_adu`` plus a linear ramp), which the serial
-    overscan therefore sees. Output is float32 ADU rounded to integers and clipped to 18 bits.
+    (a random-phase sinusoid of amplitude ``bias_drift_adu`` and period 3000-10000 rows, plus a
+    linear ramp of up to ``bias_drift_adu`` per 2048 rows), which the serial overscan sees. Output is float32 ADU rounded to integers and clipped to 18 bits.
     """
     if electrons.shape != detector.shape:
         raise ValueError(f"Electron image for {detector.name} has shape {electrons.shape}, "
@@ -248,9 +248,10 @@ def electrons_to_raw(
             data = data + pattern[box_slices(amp.bbox)]
         raw[box_slices(amp.raw_data_bbox)] = detector.raw_to_assembled(data, amp)
         x0, y0, w, h = amp.raw_bbox
-        rows = np.arange(h) / h
-        drift = (bias_drift_adu * np.sin(2 * np.pi * (rows * rng.uniform(0.3, 1.5) + rng.uniform()))
-                 + rng.uniform(-1, 1) * bias_drift_adu * rows)  # fmt: skip
+        rows = np.arange(h)
+        period = rng.uniform(3000.0, 10000.0)  # rows: slow compared with an amplifier's 2048
+        drift = (bias_drift_adu * np.sin(2 * np.pi * (rows / period + rng.uniform()))
+                 + rng.uniform(-1, 1) * bias_drift_adu * rows / 2048.0)  # fmt: skip
         level = amp.bias_level_adu + rng.normal(0.0, 1.0) + drift
         block = raw[y0 : y0 + h, x0 : x0 + w]
         block += level[:, None] + amp.read_noise_adu * rng.standard_normal((h, w))

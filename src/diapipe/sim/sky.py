@@ -25,7 +25,7 @@ Numbers and their sources (approximate; chosen to resemble DC2 at |b| ~ 47 deg):
   and blue-cloud colours; bulge (de Vaucouleurs) + disk (exponential) with the
   bulge fraction by population; median half-light radius
   0.8"·10^(−0.09 (i−21)) with 0.2 dex scatter (an approximate fit to HST/COSMOS
-  sizes); intrinsic ellipticity |g| Rayleigh(σ = 0.25) per galaxy.
+  sizes); intrinsic ellipticity |g| Rayleigh(σ = 0.2 per component) capped at 0.8.
 - Transients: supernova-like light curves (see `transient_flux_ratio`), peak r
   uniform in 19–25, explosion times uniform over the science window, 70 % on a
   host galaxy (offset drawn from the host's disk light), 30 % hostless.
@@ -302,8 +302,7 @@ def _make_galaxies(rng, area, cfg):
     hlr = 0.8 * 10 ** (-0.09 * (i - 21.0) + rng.normal(0, 0.2, n))
     hlr = np.clip(hlr, 0.05, 5.0)
     hlr_bulge = np.clip(hlr * rng.uniform(0.3, 0.6, n), 0.03, 3.0)
-    g = np.minimum(np.abs(rng.normal(0, 0.25, n)) + np.abs(rng.normal(0, 0.25, n)) * 0, 0.8)
-    g = np.minimum(np.hypot(rng.normal(0, 0.25, n), rng.normal(0, 0.25, n)) * 0 + g, 0.8)
+    g = np.minimum(np.hypot(rng.normal(0, 0.2, n), rng.normal(0, 0.2, n)), 0.8)
     pa = rng.uniform(0, 180, n)
     keep = r < r_lim
     return (r[keep], colours[keep], bulge_frac[keep], hlr[keep], hlr_bulge[keep], g[keep], pa[keep])

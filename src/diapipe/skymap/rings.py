@@ -133,7 +133,9 @@ class RingsSkyMapConfig:
         if int(self.num_rings) <= 0:
             raise ValueError(f"num_rings must be > 0, got {self.num_rings}")
         if len(dims) != 2 or min(dims) <= 0:
-            raise ValueError(f"patch_inner_dimensions must be two positive ints, got {self.patch_inner_dimensions}")
+            raise ValueError(
+                f"patch_inner_dimensions must be two positive ints, got {self.patch_inner_dimensions}"
+            )
         if self.patch_border < 0:
             raise ValueError(f"patch_border must be >= 0, got {self.patch_border}")
         if self.pixel_scale_arcsec <= 0:
@@ -538,7 +540,9 @@ class RingsSkyMap:
         ra = np.atleast_1d(np.asarray(ra_list, float))
         dec = np.atleast_1d(np.asarray(dec_list, float))
         if ra.shape != dec.shape or ra.ndim != 1 or ra.size == 0:
-            raise ValueError(f"ra_list/dec_list must be equal-length 1-d sequences, got {ra.shape}, {dec.shape}")
+            raise ValueError(
+                f"ra_list/dec_list must be equal-length 1-d sequences, got {ra.shape}, {dec.shape}"
+            )
         tracts: dict[int, TractInfo] = {}
         for r, d in zip(ra, dec, strict=True):
             for tract in self.find_all_tracts(r, d):

@@ -1,0 +1,388 @@
+"""Stacking warps on a common patch grid into a coadd (the core of assembleCoadd).
+
+Steps (`assemble_coadd`):
+
+1. **Usable pixels** of each input: finite, positive finite variance, and none
+   of ``bad_mask_planes`` set (default NO_DATA, BAD, SAT, CLIPPED).
+2. **Weights**: one per input, :math:`w_i = 1 / \\langle V_i \\rangle` (mean
+   variance over its usable pixels), unless given.
+3. **Outlier rejection**, one of
+
+   - ``"compare_warp"`` (default; the idea of Rubin's CompareWarpAssembleCoadd):
+     each input is compared with a robust reference (the per-pixel median of
+     all inputs). To keep PSF differences from looking like outliers, every
+     input and the reference are first smoothed to the widest input PSF
+     (Gaussian approximation: kernel width :math:`\\sqrt{\\sigma_{max}^2 -
+     \\sigma_i^2}`). Pixels deviating by more than ``nsigma`` times the robust
+     rms of the difference (plus ``ref_fraction`` of the reference, for
+     imperfect PSF matching on bright stars) are outliers; they are grouped
+     into connected footprints per input. A footprint is an *artifact*
+     (transient, satellite trail, cosmic ray, ghost) when at least
+     ``spatial_threshold`` of its pixels are outliers in no more than
+     ``max_epochs`` inputs; Rubin's rule ``min(0.4 N, 2 + 0.03 N)`` is the
+     default. Artifact footprints, grown by ``grow_pix``, are masked CLIPPED in
+     that input only. Things present in most epochs (stars, galaxies,
+     persistent variables) are kept.
+   - ``"sigma_clip"``: per-pixel iterative clipping of inputs deviating from
+     the weighted mean by more than ``nsigma`` of their own noise.
+   - ``"none"``.
+
+4. **Weighted mean** over the remaining inputs,
+   :math:`C = \\sum w_i I_i / \\sum w_i`, variance
+   :math:`\\sum w_i^2 V_i / (\\sum w_i)^2`; ``n_image`` counts the inputs used;
+   pixels with none are NO_DATA (image NaN, variance +inf).
+5. **Mask**: OR of the masks of the inputs used at the pixel; a rejected plane
+   (SAT, BAD) is also set when inputs carrying it hold more than
+   ``mask_propagation_threshold`` of the weight at the pixel (Rubin's
+   maskPropagationThresholds); CLIPPED where any input was clipped.
+6. **PSF**: the weight-averaged input PSFs (Rubin's CoaddPsf idea) as a
+   `PixelPsf`: with constant inputs, the weighted mean kernel (weights times
+   each input's usable-area fraction); otherwise fit over the patch on a grid,
+   each grid point averaging only the inputs that cover it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from diapipe.exposure.masks import MASK_DTYPE, bit, bits
+from diapipe.exposure.psf import PixelPsf, polynomial_terms
+
+__all__ = ["assemble_coadd", "find_artifacts", "input_weights", "coadd_psf", "max_artifact_epochs"]
+
+DEFAULT_BAD_PLANES = ("NO_DATA", "BAD", "SAT", "CLIPPED")
+
+
+def _usable(image, variance, mask, bad_planes) -> np.ndarray:
+    return (
+        np.isfinite(image)
+        & np.isfinite(variance)
+        & (variance > 0)
+        & ((mask & bits(list(bad_planes))) == 0 if bad_planes else True)
+    )
+
+
+def input_weights(variances, usable) -> np.ndarray:
+    """Per-input weights ``1 / mean(variance)`` over usable pixels (0 for an input with none)."""
+    out = np.zeros(len(variances))
+    for i, (var, good) in enumerate(zip(variances, usable, strict=True)):
+        if good.any():
+            out[i] = 1.0 / float(np.mean(var[good], dtype=np.float64))
+    return out
+
+
+def max_artifact_epochs(
+    n_inputs: int, low_fraction: float = 0.4, max_num: int = 2, high_fraction: float = 0.03
+) -> int:
+    """Most epochs an outlier may appear in and still be called an artifact (Rubin's rule).
+
+    ``int(min(low_fraction * N, max_num + high_fraction * N))``, at least 1.
+    """
+    return max(1, int(min(low_fraction * n_inputs, max_num + high_fraction * n_inputs)))
+
+
+def _gaussian_match(image, usable, sigma_in, sigma_target):
+    """Smooth to a wider Gaussian PSF; unusable pixels are filled (normalised convolution)."""
+    width = np.sqrt(max(sigma_target**2 - sigma_in**2, 0.0))
+    filled = np.where(usable, image, 0.0)
+    if width < 0.05:
+        return filled, usable.astype(float)
+    num = ndimage.gaussian_filter(filled, width, mode="constant", truncate=4.0)
+    den = ndimage.gaussian_filter(usable.astype(float), width, mode="constant", truncate=4.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0.5, num / den, 0.0), den
+
+
+def find_artifacts(
+    images,
+    usable,
+    psf_sigmas,
+    *,
+    nsigma: float = 5.0,
+    ref_fraction: float = 0.05,
+    max_epochs: int | None = None,
+    spatial_threshold: float = 0.5,
+    grow_pix: int = 2,
+) -> list[np.ndarray]:
+    """CompareWarp-style artifact detection; returns one boolean "clip" map per input.
+
+    Parameters
+    ----------
+    images : sequence of (ny, nx) arrays
+        Inputs on the common grid.
+    usable : sequence of boolean arrays
+        Pixels of each input that may be used.
+    psf_sigmas : sequence of `float`
+        Gaussian-equivalent PSF sigma (pixels) of each input, for matching.
+    nsigma : `float`
+        Outlier threshold in units of the robust rms of (input - reference).
+    ref_fraction : `float`
+        Extra tolerance, a fraction of |reference|, for bright-star PSF mismatch.
+    max_epochs : `int`, optional
+        Outliers seen in at most this many inputs are artifacts (default
+        `max_artifact_epochs`).
+    spatial_threshold : `float`
+        Fraction of a footprint's pixels that must be such rare outliers.
+    grow_pix : `int`
+        Clipped footprints are grown by this many pixels.
+    """
+    n = len(images)
+    if max_epochs is None:
+        max_epochs = max_artifact_epochs(n)
+    target = float(max(psf_sigmas))
+    matched, cover = [], []
+    for img, good, sig in zip(images, usable, psf_sigmas, strict=True):
+        m, c = _gaussian_match(np.asarray(img, float), good, float(sig), target)
+        matched.append(m)
+        cover.append(c > 0.5)
+    matched = np.array(matched)
+    cover = np.array(cover)
+    ref = np.nanmedian(np.where(cover, matched, np.nan), axis=0)
+    ref = np.where(np.isfinite(ref), ref, 0.0)
+    outliers = np.zeros(matched.shape, bool)
+    for i in range(n):
+        diff = matched[i] - ref
+        d = diff[cover[i]]
+        if d.size < 10:
+            continue
+        rms = 1.4826 * np.median(np.abs(d - np.median(d)))
+        outliers[i] = cover[i] & (np.abs(diff) > nsigma * rms + ref_fraction * np.abs(ref))
+    count = outliers.sum(axis=0)
+    rare = (count >= 1) & (count <= max_epochs)
+    structure = np.ones((3, 3), bool)
+    clips = []
+    for i in range(n):
+        labels, n_fp = ndimage.label(outliers[i], structure=structure)
+        clip = np.zeros(outliers[i].shape, bool)
+        if n_fp:
+            sizes = ndimage.sum_labels(np.ones_like(labels), labels, index=np.arange(1, n_fp + 1))
+            rare_sizes = ndimage.sum_labels(rare, labels, index=np.arange(1, n_fp + 1))
+            keep = np.flatnonzero(rare_sizes >= spatial_threshold * sizes) + 1
+            clip = np.isin(labels, keep)
+            if grow_pix > 0 and clip.any():
+                clip = ndimage.binary_dilation(clip, structure=structure, iterations=int(grow_pix))
+        clips.append(clip & usable[i])
+    return clips
+
+
+def _sigma_clip(images, variances, usable, weights, nsigma: float, n_iter: int = 3) -> list[np.ndarray]:
+    """Per-pixel clipping against a reference that starts as the median (robust to one
+    bright outlier among few inputs) and then is the weighted mean of the kept inputs.
+    Inputs are compared in units of their own noise. A pixel never loses all inputs.
+    Note: with unmatched PSFs this also clips star cores of the sharpest/widest inputs."""
+    usable = np.array(usable)
+    imgs = np.array([np.where(u, im, np.nan) for im, u in zip(images, usable, strict=True)], float)
+    sig = np.sqrt(np.array([np.where(u, v, np.inf) for v, u in zip(variances, usable, strict=True)], float))
+    w = np.asarray(weights, float)[:, None, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ref = np.nanmedian(np.where(usable, imgs, np.nan), axis=0) if usable.any() else None
+    keep = usable.copy()
+    for _ in range(n_iter):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            resid = np.abs(imgs - ref) / sig
+        new_keep = usable & ~(resid > nsigma)
+        lost = usable.any(axis=0) & ~new_keep.any(axis=0)
+        new_keep[:, lost] = usable[:, lost]
+        if (new_keep == keep).all():
+            break
+        keep = new_keep
+        wk = w * keep
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ref = np.nansum(wk * np.where(keep, imgs, 0.0), axis=0) / wk.sum(axis=0)
+    return [u & ~k for u, k in zip(usable, keep, strict=True)]
+
+
+def _pad_kernel(kernel: np.ndarray, size: int) -> np.ndarray:
+    pad = (size - kernel.shape[0]) // 2
+    return np.pad(kernel, pad) if pad > 0 else kernel
+
+
+def coadd_psf(psfs, weights, used, xy0=(0, 0), *, order: int | None = None, n_grid: int = 5) -> PixelPsf:
+    """Weight-averaged PSF of a coadd as a `PixelPsf` over the coadd's pixel box.
+
+    Parameters
+    ----------
+    psfs : sequence of `PixelPsf`
+        Input (warp) PSFs in the coadd's parent pixel frame.
+    weights : sequence of `float`
+        Coadd weights of the inputs.
+    used : sequence of boolean (ny, nx) arrays
+        Where each input contributed to the coadd.
+    xy0 : `tuple`
+        Parent coordinate of coadd pixel [0, 0].
+    order : `int`, optional
+        Spatial order of the fit; default 0 if all inputs are constant, else the
+        largest input order (at least 1).
+    """
+    ny, nx = used[0].shape
+    bbox = (float(xy0[0]), float(xy0[1]), float(xy0[0] + nx - 1), float(xy0[1] + ny - 1))
+    size = max(p.kernel_size for p in psfs)
+    weights = np.asarray(weights, float)
+    if order is None:
+        order = 0 if all(p.order == 0 for p in psfs) else max(1, max(p.order for p in psfs))
+    if order == 0:
+        area = np.array([u.mean() for u in used])
+        w = weights * area
+        if w.sum() <= 0:
+            raise ValueError("No input contributes to the coadd; cannot make its PSF")
+        x_c, y_c = 0.5 * (bbox[0] + bbox[2]), 0.5 * (bbox[1] + bbox[3])
+        kernel = sum(
+            wi * _pad_kernel(p.compute_kernel_image(x_c, y_c), size) for wi, p in zip(w, psfs, strict=True)
+        )
+        return PixelPsf(kernel / kernel.sum(), 0, bbox)
+    gx = np.linspace(0, nx - 1, n_grid)
+    gy = np.linspace(0, ny - 1, n_grid)
+    positions, kernels = [], []
+    for yy in gy:
+        for xx in gx:
+            iy, ix = int(round(yy)), int(round(xx))
+            w = np.array([wi if u[iy, ix] else 0.0 for wi, u in zip(weights, used, strict=True)])
+            if w.sum() <= 0:
+                continue
+            px, py = xx + xy0[0], yy + xy0[1]
+            k = sum(
+                wi * _pad_kernel(p.compute_kernel_image(px, py), size)
+                for wi, p in zip(w, psfs, strict=True)
+                if wi > 0
+            )
+            positions.append((px, py))
+            kernels.append(k / k.sum())
+    n_terms = (order + 1) * (order + 2) // 2
+    if len(positions) < n_terms:
+        raise ValueError(
+            f"Only {len(positions)} covered grid points; need {n_terms} for a PSF of order {order}"
+        )
+    proto = PixelPsf(np.zeros((n_terms, size, size)), order, bbox)
+    u, v = proto._normalised(np.array([p[0] for p in positions]), np.array([p[1] for p in positions]))
+    design = polynomial_terms(u, v, order).T
+    coeffs, *_ = np.linalg.lstsq(design, np.array(kernels).reshape(len(positions), -1), rcond=None)
+    return PixelPsf(coeffs.reshape(n_terms, size, size), order, bbox)
+
+
+def assemble_coadd(
+    images,
+    variances,
+    masks,
+    weights=None,
+    psfs=None,
+    *,
+    rejection: str = "compare_warp",
+    nsigma: float = 5.0,
+    bad_mask_planes=DEFAULT_BAD_PLANES,
+    mask_propagation_threshold: float = 0.1,
+    xy0=(0, 0),
+    psf_order: int | None = None,
+    artifact_kwargs: dict | None = None,
+):
+    """Stack warps on a common grid into a coadd (see the module docstring).
+
+    Parameters
+    ----------
+    images, variances : sequence of (ny, nx) arrays
+        Warps (nJy per pixel) and variances on the same grid.
+    masks : sequence of int32 (ny, nx) arrays
+        Warp masks.
+    weights : sequence of `float`, optional
+        Input weights; default ``1 / mean variance`` of each input.
+    psfs : sequence of `PixelPsf`, optional
+        Warp PSFs (needed for ``compare_warp`` and for the coadd PSF).
+    rejection : {"compare_warp", "sigma_clip", "none"}
+        Outlier rejection method.
+    nsigma : `float`
+        Threshold of the rejection.
+    bad_mask_planes : sequence of `str`
+        Planes that exclude an input pixel.
+    mask_propagation_threshold : `float`
+        Weight fraction above which a rejected plane is set in the coadd mask.
+    xy0 : `tuple`
+        Parent coordinate of pixel [0, 0] (for the PSF's bounding box).
+    psf_order : `int`, optional
+        Spatial order of the coadd PSF (see `coadd_psf`).
+    artifact_kwargs : `dict`, optional
+        Extra arguments of `find_artifacts`.
+
+    Returns
+    -------
+    coadd, variance : `numpy.ndarray` float32
+    mask : `numpy.ndarray` int32
+    n_image : `numpy.ndarray` int32
+        Number of inputs contributing per pixel.
+    psf : `PixelPsf` or None
+        Coadd PSF (None when ``psfs`` is None).
+    """
+    n = len(images)
+    if n == 0 or not (len(variances) == len(masks) == n):
+        raise ValueError(
+            f"Need equal, non-zero numbers of images ({n}), variances ({len(variances)}), "
+            f"masks ({len(masks)})"
+        )
+    shape = np.shape(images[0])
+    for i in range(n):
+        if np.shape(images[i]) != shape or np.shape(variances[i]) != shape or np.shape(masks[i]) != shape:
+            raise ValueError(
+                f"Input {i} has shapes {np.shape(images[i])}/{np.shape(variances[i])}/"
+                f"{np.shape(masks[i])}; expected {shape}"
+            )
+    if psfs is not None and len(psfs) != n:
+        raise ValueError(f"Got {len(psfs)} PSFs for {n} inputs")
+    usable = [
+        _usable(np.asarray(im), np.asarray(v), np.asarray(m), bad_mask_planes)
+        for im, v, m in zip(images, variances, masks, strict=True)
+    ]
+    if weights is None:
+        weights = input_weights(variances, usable)
+    weights = np.asarray(weights, float)
+    if weights.shape != (n,) or (weights < 0).any():
+        raise ValueError(f"weights must be {n} non-negative numbers, got {weights}")
+
+    if rejection == "compare_warp":
+        if psfs is None:
+            raise ValueError("rejection='compare_warp' needs the input PSFs (psfs=...)")
+        sigmas = [p.sigma() for p in psfs]
+        clips = find_artifacts(images, usable, sigmas, nsigma=nsigma, **(artifact_kwargs or {}))
+    elif rejection == "sigma_clip":
+        clips = _sigma_clip(images, variances, usable, weights, nsigma)
+    elif rejection == "none":
+        clips = [np.zeros(shape, bool) for _ in range(n)]
+    else:
+        raise ValueError(f"Unknown rejection {rejection!r}; use 'compare_warp', 'sigma_clip' or 'none'")
+
+    sum_w = np.zeros(shape)
+    sum_wi = np.zeros(shape)
+    sum_w2v = np.zeros(shape)
+    n_image = np.zeros(shape, np.int32)
+    out_mask = np.zeros(shape, MASK_DTYPE)
+    covered_w = np.zeros(shape)
+    rejected_w = {name: np.zeros(shape) for name in bad_mask_planes if name not in ("NO_DATA", "CLIPPED")}
+    any_clip = np.zeros(shape, bool)
+    used = []
+    for i in range(n):
+        im, var, m = np.asarray(images[i]), np.asarray(variances[i]), np.asarray(masks[i])
+        use = usable[i] & ~clips[i]
+        used.append(use)
+        any_clip |= clips[i]
+        w = weights[i]
+        sum_w += np.where(use, w, 0.0)
+        sum_wi += np.where(use, w * np.where(use, im, 0.0), 0.0)
+        sum_w2v += np.where(use, w * w * np.where(use, var, 0.0), 0.0)
+        n_image += use
+        out_mask |= np.where(use, m, 0).astype(MASK_DTYPE)
+        has_data = np.isfinite(im) & ((m & bit("NO_DATA")) == 0)
+        covered_w += np.where(has_data, w, 0.0)
+        for name, acc in rejected_w.items():
+            acc += np.where(has_data & ((m & bit(name)) != 0), w, 0.0)
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        coadd = np.where(n_image > 0, sum_wi / sum_w, np.nan).astype(np.float32)
+        variance = np.where(n_image > 0, sum_w2v / sum_w**2, np.inf).astype(np.float32)
+        for name, acc in rejected_w.items():
+            frac = np.where(covered_w > 0, acc / covered_w, 0.0)
+            out_mask[frac > mask_propagation_threshold] |= MASK_DTYPE(bit(name))
+    out_mask[any_clip] |= MASK_DTYPE(bit("CLIPPED"))
+    out_mask[n_image == 0] |= MASK_DTYPE(bit("NO_DATA"))
+
+    psf = None
+    if psfs is not None:
+        psf = coadd_psf(psfs, weights, used, xy0, order=psf_order)
+    return coadd, variance, out_mask, n_image, psf
