@@ -347,6 +347,7 @@ def fit_psf_matching_kernel(
     constant_scale: bool = True,
     max_iterations: int = 3,
     chi2_floor: float = 2.25,
+    core_half_size: int | None = None,
     clip_sigma: float = 4.0,
     kernel_sum_clip_sigma: float = 3.0,
     max_median_chi2: float = 4.0,
@@ -375,8 +376,11 @@ def fit_psf_matching_kernel(
     max_iterations : `int`
         Rounds of spatial fit + outlier-stamp rejection.
     chi2_floor, clip_sigma : `float`
-        A stamp is rejected when its chi²/dof exceeds both ``chi2_floor`` (ip_diffim's
-        residual-std limit 1.5, squared) and ``median + clip_sigma * robust sigma``.
+        A stamp is rejected when its core chi² per pixel exceeds both ``chi2_floor``
+        (ip_diffim's residual-std limit 1.5, squared) and ``median + clip_sigma * robust sigma``.
+    core_half_size : `int`, optional
+        Half-size of the central box used for the rejection chi²; default
+        ``fit_half_size - K // 2`` (at least 2).
     kernel_sum_clip_sigma : `float`
         Per-stamp kernel sums further than this many robust sigmas from the median are rejected.
     max_median_chi2 : `float`
@@ -422,6 +426,16 @@ def fit_psf_matching_kernel(
     normal = np.empty((n_stamps, n_l, n_l))
     rhs = np.empty((n_stamps, n_l))
     tt = np.empty(n_stamps)
+    # Same quantities restricted to the stamp core, where a transient or a variable
+    # star concentrates its signal: rejection uses the core chi² (the full-box
+    # chi² dilutes a S/N 15 transient below any sensible threshold).
+    half_core = max(2, min(half_fit, half_fit - half_k if core_half_size is None else int(core_half_size)))
+    core = np.zeros((2 * half_fit + 1,) * 2, bool)
+    core[half_fit - half_core : half_fit + half_core + 1, half_fit - half_core : half_fit + half_core + 1] = True
+    core = core.ravel()
+    normal_c = np.empty((n_stamps, n_l, n_l))
+    rhs_c = np.empty((n_stamps, n_l))
+    tt_c = np.empty(n_stamps)
     chunk = 128
     for start in range(0, n_stamps, chunk):
         sl = slice(start, min(start + chunk, n_stamps))
@@ -441,11 +455,17 @@ def fit_psf_matching_kernel(
         normal[sl] = np.einsum("npi,npj->nij", aw, a)
         rhs[sl] = np.einsum("npi,np->ni", aw, t)
         tt[sl] = ((t * wf) * t).sum(axis=1)
+        awc, ac, tc, wc = aw[:, core], a[:, core], t[:, core], wf[:, core]
+        normal_c[sl] = np.einsum("npi,npj->nij", awc, ac)
+        rhs_c[sl] = np.einsum("npi,np->ni", awc, tc)
+        tt_c[sl] = ((tc * wc) * tc).sum(axis=1)
     dof = (2 * half_fit + 1) ** 2 - n_l
+    n_core = int(core.sum())
 
-    def chi2_of(coeffs):
-        quad = (coeffs * (normal @ coeffs[:, :, None])[:, :, 0]).sum(axis=1)
-        return (tt - 2.0 * (coeffs * rhs).sum(axis=1) + quad) / dof
+    def chi2_of(coeffs, use_core=True):
+        m, r, t2, d = (normal_c, rhs_c, tt_c, n_core) if use_core else (normal, rhs, tt, dof)
+        quad = (coeffs * (m @ coeffs[:, :, None])[:, :, 0]).sum(axis=1)
+        return (t2 - 2.0 * (coeffs * r).sum(axis=1) + quad) / d
 
     # 1. per-stamp solutions
     local = np.zeros((n_stamps, n_l))

@@ -303,7 +303,7 @@ def subtract_images(
         half_fit + half_k,
         sn_min=kernel_sn_range[0],
         sn_max=kernel_sn_range[1],
-        isolation_radius_pix=half_fit,
+        isolation_radius_pix=np.sqrt(2.0) * half_fit,  # no other source anywhere in the fit box
         max_sources=max_kernel_sources,
         min_sources=min_kernel_sources,
     )

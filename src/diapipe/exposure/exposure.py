@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .masks import MASK_DTYPE
+from .photo_calib import PhotoCalib
 from .psf import PixelPsf
 
 __all__ = ["Exposure", "VisitInfo", "PhotoCalib", "Box"]
@@ -21,43 +22,6 @@ __all__ = ["Exposure", "VisitInfo", "PhotoCalib", "Box"]
 #: (x0, y0, width, height) in parent pixel coordinates
 Box = tuple[int, int, int, int]
 
-NJY_AB_ZERO_MAG = 31.4  # AB magnitude of 1 nJy
-
-
-@dataclass(frozen=True)
-class PhotoCalib:
-    """Photometric calibration: ``flux_nJy = calibration_mean * inst_flux``.
-
-    ``inst_flux`` is in the image's units (electrons for calexps); coadds are
-    already in nJy and carry ``calibration_mean = 1``.
-    """
-
-    calibration_mean: float
-    calibration_err: float = 0.0
-
-    def inst_flux_to_njy(self, inst_flux, inst_flux_err=None):
-        """Convert instrumental flux (and optionally its error) to nJy."""
-        flux = np.asarray(inst_flux, dtype=float) * self.calibration_mean
-        if inst_flux_err is None:
-            return flux
-        err = np.asarray(inst_flux_err, dtype=float) * self.calibration_mean
-        return flux, err
-
-    def inst_flux_to_mag(self, inst_flux):
-        """AB magnitude of an instrumental flux."""
-        return NJY_AB_ZERO_MAG - 2.5 * np.log10(self.inst_flux_to_njy(inst_flux))
-
-    @property
-    def zero_point_mag(self) -> float:
-        """AB magnitude of one count (1 e- for calexps)."""
-        return float(NJY_AB_ZERO_MAG - 2.5 * np.log10(self.calibration_mean))
-
-    def to_dict(self) -> dict[str, float]:
-        return {"calibration_mean": float(self.calibration_mean), "calibration_err": float(self.calibration_err)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PhotoCalib:
-        return cls(float(data["calibration_mean"]), float(data.get("calibration_err", 0.0)))
 
 
 @dataclass(frozen=True)

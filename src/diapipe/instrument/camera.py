@@ -231,8 +231,10 @@ class Detector:
 
     def amp_value_image(self, attribute: str) -> np.ndarray:
         """Assembled-shape float array of a per-amp attribute (e.g. 'gain', 'read_noise_e')."""
-        values = np.array([getattr(amp, attribute) for amp in self.amplifiers], dtype=float)
-        return values[self.amp_index_image()]
+        out = np.empty(self.shape, dtype=float)
+        for amp in self.amplifiers:
+            out[box_slices(amp.bbox)] = float(getattr(amp, attribute))
+        return out
 
 
 def _make_amplifiers(detector_id: int, amp_ny: int, amp_nx: int) -> tuple[Amplifier, ...]:

@@ -7,9 +7,9 @@ from functools import cache
 from lsst.pipe.base import Instrument
 from lsst.utils.introspection import get_full_type_name
 
-from .camera import Camera
+from .camera import PARALLEL_OVERSCAN, SERIAL_OVERSCAN, SERIAL_PRESCAN, Camera, Detector
 
-__all__ = ["LsstCamImSim", "BANDS", "PHYSICAL_FILTERS", "physical_filter_for_band"]
+__all__ = ["LsstCamImSim", "BANDS", "PHYSICAL_FILTERS", "physical_filter_for_band", "camera_for_amp_shape", "detector_for_raw"]
 
 BANDS = ("u", "g", "r", "i", "z", "y")
 #: physical filter -> band, as DC2's obs_lsst imsim filter definitions
@@ -24,8 +24,27 @@ def physical_filter_for_band(band: str) -> str:
 
 
 @cache
+def camera_for_amp_shape(amp_data_shape: tuple[int, int] = (2000, 509)) -> Camera:
+    """The camera with full-size (default) or cropped detectors (cached)."""
+    return Camera.lsstcam_imsim(amp_data_shape=tuple(amp_data_shape))
+
+
 def _camera() -> Camera:
-    return Camera.lsstcam_imsim()
+    return camera_for_amp_shape()
+
+
+def detector_for_raw(detector_id: int, raw_shape: tuple[int, int]) -> Detector:
+    """The geometry of a detector whose raw image has ``raw_shape``: full-size or
+    cropped (the simulator's small presets crop every amplifier alike)."""
+    raw_ny, raw_nx = raw_shape
+    amp_ny = raw_ny // 2 - PARALLEL_OVERSCAN
+    amp_nx = raw_nx // 8 - SERIAL_PRESCAN - SERIAL_OVERSCAN
+    if amp_ny < 1 or amp_nx < 1 or raw_ny % 2 or raw_nx % 8:
+        raise ValueError(
+            f"A raw of shape {raw_shape} is not an LSSTCam-imSim detector (16 amplifiers in 2 x 8, "
+            f"{SERIAL_PRESCAN} px prescan, {SERIAL_OVERSCAN} px serial and {PARALLEL_OVERSCAN} rows parallel overscan)"
+        )
+    return camera_for_amp_shape((amp_ny, amp_nx))[detector_id]
 
 
 class LsstCamImSim(Instrument):

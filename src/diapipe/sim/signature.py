@@ -61,8 +61,8 @@ def _truth_rng(detector: Detector, stream: int) -> np.random.Generator:
 
 
 def _focal_plane_radius(detector: Detector) -> np.ndarray:
-    y, x = np.mgrid[0 : detector.ny, 0 : detector.nx]
-    xmm, ymm = detector.pixel_to_focal_plane(x, y)
+    # broadcasting (ny, 1) x (1, nx) avoids building two full coordinate grids
+    xmm, ymm = detector.pixel_to_focal_plane(np.arange(detector.nx)[None, :], np.arange(detector.ny)[:, None])
     return np.hypot(xmm, ymm)
 
 
