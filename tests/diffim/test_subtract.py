@@ -110,7 +110,7 @@ def _near(shape, xs, ys, radius):
 
 @pytest.fixture(scope="module")
 def pair():
-    return make_pair(seed=1, n_transients=60)
+    return make_pair(seed=3, n_transients=60)
 
 
 @pytest.fixture(scope="module")
@@ -227,3 +227,17 @@ def test_variance_rescale_factor_measures_noise():
     img[100:110, 100:110] += 500.0  # a "source" that must not inflate the estimate
     factor = variance_rescale_factor(img, np.full(img.shape, 4.0), np.zeros(img.shape, np.int32))
     assert factor == pytest.approx(9.0 / 4.0, rel=0.03)
+
+
+def test_blank_position_psf_flux_sn_width(result, pair):
+    rng = np.random.default_rng(11)
+    xs, ys, _ = pair["stars"]
+    tx, ty, _ = pair["transients"]
+    px, py = [], []
+    while len(px) < 300:
+        x, y = rng.uniform(30, 482, 2)
+        if np.min(np.hypot(np.r_[xs, tx] - x, np.r_[ys, ty] - y)) > 12:
+            px.append(x)
+            py.append(y)
+    flux, err = _psf_fluxes(result, px, py)
+    assert np.std(flux / err) == pytest.approx(1.0, abs=0.1)

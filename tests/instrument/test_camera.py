@@ -53,7 +53,9 @@ def test_full_geometry(full_camera):
     assert (det.nx, det.ny) == (4072, 4000)
     assert (det.raw_nx, det.raw_ny) == (8 * 544, 2 * 2048)
     assert det.physical_type == "ITL" and det.pixel_size_mm == 0.010
-    assert [a.name for a in det.amplifiers] == [f"C1{i}" for i in range(8)] + [f"C0{i}" for i in range(7, -1, -1)]
+    assert [a.name for a in det.amplifiers] == [f"C1{i}" for i in range(8)] + [
+        f"C0{i}" for i in range(7, -1, -1)
+    ]
     c10 = det.amplifier("C10")
     assert c10.raw_bbox == (0, 0, 544, 2048)
     assert c10.raw_data_bbox == (3, 0, 509, 2000)
@@ -88,8 +90,11 @@ def test_focal_plane_layout(full_camera):
     # outermost science pixel: corner of R43_S22 etc. at r ~ 369 mm (~2.05 deg)
     assert 368 < np.hypot(np.abs(boxes[:, :2]).max(axis=1), np.abs(boxes[:, 2:]).max(axis=1)).max() < 370
     x0, x1, y0, y1 = (boxes[:, i] for i in range(4))
-    overlap = (x0[:, None] < x1[None, :]) & (x0[None, :] < x1[:, None]) & (y0[:, None] < y1[None, :]) & (
-        y0[None, :] < y1[:, None]
+    overlap = (
+        (x0[:, None] < x1[None, :])
+        & (x0[None, :] < x1[:, None])
+        & (y0[:, None] < y1[None, :])
+        & (y0[None, :] < y1[:, None])
     )
     np.fill_diagonal(overlap, False)
     assert not overlap.any()
@@ -122,11 +127,11 @@ def test_raw_assembled_round_trip(small_camera):
     assert np.isfinite(raw).sum() == image.size
     # readout order: the first data pixel read by C10 (x flipped) is the lower-RIGHT corner of its bbox
     c10 = det.amplifier("C10")
-    x0, y0, w, h = c10.raw_data_bbox
+    x0, y0, _, _ = c10.raw_data_bbox
     assert raw[y0, x0] == image[0, c10.bbox[0] + c10.bbox[2] - 1]
     # C07 (x and y flipped): first pixel read is the top-right corner of its bbox (top edge of the CCD)
     c07 = det.amplifier("C07")
-    x0, y0, w, h = c07.raw_data_bbox
+    x0, y0, _w, _h = c07.raw_data_bbox
     assert raw[y0, x0] == image[det.ny - 1, c07.bbox[0] + c07.bbox[2] - 1]
     # overscan/prescan regions are not data
     assert np.isnan(det.raw_segment(raw, c07, "overscan")).all()
@@ -179,7 +184,9 @@ def test_corners(small_camera):
     corners = detector_corners_sky(det, *BORESIGHT, 10.0)
     assert corners.shape == (4, 2)
     wcs = detector_wcs(det, *BORESIGHT, 10.0)
-    ra_w, dec_w = wcs.all_pix2world([-0.5, det.nx - 0.5, det.nx - 0.5, -0.5], [-0.5, -0.5, det.ny - 0.5, det.ny - 0.5], 0)
+    ra_w, dec_w = wcs.all_pix2world(
+        [-0.5, det.nx - 0.5, det.nx - 0.5, -0.5], [-0.5, -0.5, det.ny - 0.5, det.ny - 0.5], 0
+    )
     assert _sep_mas(ra_w, dec_w, corners[:, 0], corners[:, 1]).max() < 1.0
     # width of the cropped detector on the sky: 512 px x ~0.2"
     width = _sep_mas(corners[0, 0], corners[0, 1], corners[1, 0], corners[1, 1]) / 1e3

@@ -12,10 +12,10 @@ import sep
 from scipy.spatial import cKDTree
 
 from diapipe.exposure.masks import MASK_DTYPE, any_set
+from diapipe.exposure.psf import PixelPsf
 from diapipe.measure.background import estimate_background
 from diapipe.measure.detection import detect_sources
 from diapipe.measure.measurement import aperture_flux, measure_sources
-from diapipe.exposure.psf import PixelPsf
 
 SEP_NTT = "/work/shared/data/real/sep_ntt"
 SIGMA_PSF = 1.5
@@ -28,7 +28,10 @@ def _draw_stars(shape, xs, ys, fluxes, sigma=SIGMA_PSF):
     profile = galsim.Gaussian(sigma=sigma)
     half = int(np.ceil(6 * sigma))
     for x, y, f in zip(xs, ys, fluxes):
-        b = galsim.BoundsI(int(x) - half + 1, int(x) + half + 1, int(y) - half + 1, int(y) + half + 1) & img.bounds
+        b = (
+            galsim.BoundsI(int(x) - half + 1, int(x) + half + 1, int(y) - half + 1, int(y) + half + 1)
+            & img.bounds
+        )
         profile.withFlux(f).drawImage(image=img[b], center=galsim.PositionD(x + 1, y + 1), add_to_image=True)
     return img.array
 
@@ -56,7 +59,9 @@ def test_completeness_versus_snr():
     shape = (512, 512)
     pos = _grid_positions(rng, shape, 400, 24)
     snr = rng.uniform(5.0, 15.0, len(pos))
-    image = _draw_stars(shape, pos[:, 0], pos[:, 1], _snr_to_flux(snr)) + rng.normal(0, np.sqrt(SKY_VAR), shape)
+    image = _draw_stars(shape, pos[:, 0], pos[:, 1], _snr_to_flux(snr)) + rng.normal(
+        0, np.sqrt(SKY_VAR), shape
+    )
     var = np.full(shape, SKY_VAR)
     fp = detect_sources(image, var, None, SIGMA_PSF, threshold=5.0)
     peaks = np.c_[fp.peaks["x"], fp.peaks["y"]]
@@ -94,8 +99,9 @@ def test_false_detections_on_pure_noise_match_gaussian_theory():
     noise = rng.normal(0.0, 1.0, shape)
     var = np.ones(shape)
     for polarity in ("positive", "negative"):
-        fp = detect_sources(noise, var, None, SIGMA_PSF, threshold=3.5, polarity=polarity, grow_pix=0,
-                            deblend=False)
+        fp = detect_sources(
+            noise, var, None, SIGMA_PSF, threshold=3.5, polarity=polarity, grow_pix=0, deblend=False
+        )
         expected = _expected_false_peaks(3.5, SIGMA_PSF, noise.size)
         # Poisson scatter ~sqrt(110) ~ 10% plus the sampling of the field on pixels.
         assert abs(fp.n_footprints - expected) < 0.3 * expected, (polarity, fp.n_footprints, expected)
@@ -120,8 +126,9 @@ def test_negative_polarity_and_mask_planes():
     assert any_set(mask, "DETECTED")[70, 60] and not any_set(mask, "DETECTED")[181, 151]
     assert any_set(mask, "DETECTED_NEGATIVE")[181, 151]
     # Footprints are grown by 2 px beyond the above-threshold pixels.
-    positive_only = detect_sources(image, np.full(shape, SKY_VAR), None, SIGMA_PSF, polarity="positive",
-                                   grow_pix=0)
+    positive_only = detect_sources(
+        image, np.full(shape, SKY_VAR), None, SIGMA_PSF, polarity="positive", grow_pix=0
+    )
     assert fp.peaks["footprint_area"][~neg][0] > positive_only.peaks["footprint_area"][0] + 20
     assert len(positive_only) == 1
     # Re-running clears the previous planes.
@@ -148,24 +155,31 @@ def test_ours_vs_sep_extract_on_same_image():
     shape = (1024, 1024)
     pos = _grid_positions(rng, shape, 1500, 24)
     snr = rng.uniform(5.0, 15.0, len(pos))
-    image = (_draw_stars(shape, pos[:, 0], pos[:, 1], _snr_to_flux(snr))
-             + rng.normal(0, np.sqrt(SKY_VAR), shape)).astype(np.float32)
+    image = (
+        _draw_stars(shape, pos[:, 0], pos[:, 1], _snr_to_flux(snr)) + rng.normal(0, np.sqrt(SKY_VAR), shape)
+    ).astype(np.float32)
     var = np.full(shape, SKY_VAR, np.float32)
     t0 = time.process_time()
     ours = detect_sources(image, var, None, SIGMA_PSF, threshold=5.0, deblend=False)
     t_ours = time.process_time() - t0
     kernel = PixelPsf.gaussian(SIGMA_PSF, size=9).basis[0].astype(np.float32)
     t0 = time.process_time()
-    theirs = sep.extract(image, 5.0, err=np.sqrt(var), filter_kernel=kernel, filter_type="matched",
-                         minarea=1, deblend_cont=1.0)
+    theirs = sep.extract(
+        image, 5.0, err=np.sqrt(var), filter_kernel=kernel, filter_type="matched", minarea=1, deblend_cont=1.0
+    )
     t_sep = time.process_time() - t0
     found = {}
-    for name, xy in (("ours", np.c_[ours.peaks["x"], ours.peaks["y"]]), ("sep", np.c_[theirs["x"], theirs["y"]])):
+    for name, xy in (
+        ("ours", np.c_[ours.peaks["x"], ours.peaks["y"]]),
+        ("sep", np.c_[theirs["x"], theirs["y"]]),
+    ):
         dist, _ = cKDTree(xy).query(pos)
         spurious = (cKDTree(pos).query(xy)[0] > 3).sum()
         found[name] = (dist < 2)[snr >= 6].mean(), spurious
-    print(f"completeness S/N>=6 / spurious: ours {found['ours']}, sep {found['sep']}; "
-          f"cpu ours {t_ours:.3f}s sep {t_sep:.3f}s")
+    print(
+        f"completeness S/N>=6 / spurious: ours {found['ours']}, sep {found['sep']}; "
+        f"cpu ours {t_ours:.3f}s sep {t_sep:.3f}s"
+    )
     assert found["ours"][0] >= found["sep"][0] - 0.02
     assert found["ours"][1] <= found["sep"][1] + 2
 
@@ -214,8 +228,10 @@ def test_real_image_against_sextractor_catalogue():
     # Aperture fluxes in the same 5 px aperture at SExtractor's own positions: only the background differs.
     flux5 = aperture_flux(sub, var, ref["X_IMAGE"] - 1.0, ref["Y_IMAGE"] - 1.0, radii=(5.0,))[5.0][0]
     ratio = flux5[good] / ref["FLUX_APER"][good]
-    print(f"sextractor: {bright.sum()} bright, matched {matched[bright].mean():.3f}, "
-          f"median offset {np.median(dist[good]):.3f} px, median flux ratio {np.median(ratio):.4f}")
+    print(
+        f"sextractor: {bright.sum()} bright, matched {matched[bright].mean():.3f}, "
+        f"median offset {np.median(dist[good]):.3f} px, median flux ratio {np.median(ratio):.4f}"
+    )
     assert abs(np.median(ratio) - 1) < 0.01, np.median(ratio)
     pulls = (flux5[good] - ref["FLUX_APER"][good]) / ref["FLUXERR_APER"][good]
     assert np.median(np.abs(pulls)) < 0.2, np.median(np.abs(pulls))

@@ -27,15 +27,18 @@ def _field(seed, shape=(512, 512), n=196, spacing=34, flux_range=(2e3, 3e5), neg
     """Isolated Gaussian stars (galsim) on Poisson-like noise; returns image, variance, truth."""
     rng = np.random.default_rng(seed)
     ny, nx = shape
-    gx, gy = np.meshgrid(np.arange(spacing, nx - spacing // 2, spacing), np.arange(spacing, ny - spacing // 2, spacing))
+    gx, gy = np.meshgrid(
+        np.arange(spacing, nx - spacing // 2, spacing), np.arange(spacing, ny - spacing // 2, spacing)
+    )
     pos = np.c_[gx.ravel(), gy.ravel()][:n] + rng.uniform(-0.5, 0.5, (min(n, gx.size), 2))
     flux = 10 ** rng.uniform(*np.log10(flux_range), len(pos))
     sign = np.where(rng.uniform(size=len(pos)) < negative_fraction, -1.0, 1.0)
     img = galsim.ImageD(nx, ny, scale=1.0)
     for (x, y), f, s in zip(pos, flux, sign):
         b = galsim.BoundsI(int(x) - 11, int(x) + 13, int(y) - 11, int(y) + 13) & img.bounds
-        galsim.Gaussian(sigma=SIGMA, flux=s * f).drawImage(image=img[b], center=galsim.PositionD(x + 1, y + 1),
-                                                            add_to_image=True)
+        galsim.Gaussian(sigma=SIGMA, flux=s * f).drawImage(
+            image=img[b], center=galsim.PositionD(x + 1, y + 1), add_to_image=True
+        )
     model = img.array
     variance = SKY + np.abs(model)
     image = model + rng.normal(size=shape) * np.sqrt(variance)
@@ -84,9 +87,12 @@ def test_aperture_fluxes_match_sep_and_enclosed_gaussian_flux():
     cat = measure_sources(image, var, None, psf, x=pos[:, 0], y=pos[:, 1])
     for radius in (3.0, 4.5, 6.0, 9.0, 12.0):
         col = aperture_column(radius)
-        ref, ref_err, _ = sep.sum_circle(image, np.asarray(cat["centroid_x"]), np.asarray(cat["centroid_y"]),
-                                         radius, var=var, subpix=0)
-        assert np.allclose(cat[col], ref, rtol=1e-10) and np.allclose(cat[aperture_column(radius, True)], ref_err)
+        ref, ref_err, _ = sep.sum_circle(
+            image, np.asarray(cat["centroid_x"]), np.asarray(cat["centroid_y"]), radius, var=var, subpix=0
+        )
+        assert np.allclose(cat[col], ref, rtol=1e-10) and np.allclose(
+            cat[aperture_column(radius, True)], ref_err
+        )
         # Enclosed fraction of the drawn (pixel-integrated) star, from a finely drawn copy.
         star = galsim.Convolve(galsim.Gaussian(sigma=SIGMA), galsim.Pixel(1.0))
         fine = star.drawImage(nx=401, ny=401, scale=0.1, method="no_pixel").array

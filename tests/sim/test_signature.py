@@ -80,7 +80,7 @@ def test_cosmic_ray_count_and_shape(camera):
         image, tracks = add_cosmic_rays(np.zeros(det.shape), det, exposure, rng)
         counts.append(len(tracks))
         charges.append(image.sum() / max(len(tracks), 1))
-        labels, n = ndimage.label(image > 50.0)
+        labels, _n = ndimage.label(image > 50.0)
         sizes.extend(np.bincount(labels.ravel())[1:])
     assert np.mean(counts) == pytest.approx(expected, rel=0.2)
     assert 2000 < np.mean(charges) < 4500  # a few thousand e- per track
@@ -143,7 +143,9 @@ def test_master_bias_and_dark_units(camera):
     rng = np.random.default_rng(6)
     bias = make_master_bias(det, rng)
     expected = bias_pattern_adu(det) * det.amp_value_image("gain")
-    assert np.std(bias - expected) == pytest.approx(np.mean(det.amp_value_image("read_noise_e")) / 10, rel=0.1)
+    assert np.std(bias - expected) == pytest.approx(
+        np.mean(det.amp_value_image("read_noise_e")) / 10, rel=0.1
+    )
     dark = make_master_dark(det, rng)
     assert np.median(dark) == pytest.approx(DARK_CURRENT_E_PER_S, abs=0.005)
     hot_columns = [x for x, _, _, _ in make_defects(det) if np.median(dark[:, x]) > 1.0]

@@ -31,12 +31,21 @@ from diapipe.measure.measurement import (
     shifted_psf_stamps,
 )
 
-__all__ = ["select_psf_stars", "fit_psf", "psf_residuals", "adaptive_fwhm", "PsfFitError"]
+__all__ = ["PsfFitError", "adaptive_fwhm", "fit_psf", "psf_residuals", "select_psf_stars"]
 
 #: catalogue flags that disqualify a PSF star (missing columns are ignored)
 PSF_STAR_BAD_FLAGS = (
-    "flag_edge", "flag_saturated", "flag_saturatedCenter", "flag_interpolatedCenter", "flag_bad", "flag_cr",
-    "flag_suspect", "flag_noData", "flag_centroid", "flag_shape", "flag_psfFlux",
+    "flag_edge",
+    "flag_saturated",
+    "flag_saturatedCenter",
+    "flag_interpolatedCenter",
+    "flag_bad",
+    "flag_cr",
+    "flag_suspect",
+    "flag_noData",
+    "flag_centroid",
+    "flag_shape",
+    "flag_psfFlux",
 )
 
 
@@ -148,6 +157,7 @@ def fit_psf(
     clip_sigma: float = 4.0,
     initial_sigma_pix: float | None = None,
     min_stars_per_term: int = 3,
+    model_error_fraction: float = 0.03,
     return_used: bool = False,
 ):
     """Fit a spatially varying pixelized PSF to stars.
@@ -172,6 +182,9 @@ def fit_psf(
     clip_sigma : `float`
         Stars with reduced chi² above ``median + clip_sigma * robust sigma``
         and pixels with ``|residual| > clip_sigma`` sigma are rejected.
+    model_error_fraction : `float`
+        Fractional model error added to the noise when judging outliers
+        (stars and pixels), so the rejection does not prefer faint stars.
     initial_sigma_pix : `float`, optional
         Width of the Gaussian used to centre the stars at first
         (default: from the stars' unweighted moments).
@@ -210,7 +223,9 @@ def fit_psf(
     xs, ys = stars_xy[:, 0].copy(), stars_xy[:, 1].copy()
     data, var, cx, cy, ok = _cut_stamps(image, variance, mask, xs, ys, half)
     if ok.sum() < 3:
-        raise PsfFitError(int(ok.sum()), 3, " (stars off the image edge or with masked pixels are not usable)")
+        raise PsfFitError(
+            int(ok.sum()), 3, " (stars off the image edge or with masked pixels are not usable)"
+        )
     grid = np.arange(-half, half + 1, dtype=float)
     if initial_sigma_pix is None:
         # Moments of the summed stamps within 5 px: a rough, robust starting width.
@@ -227,9 +242,7 @@ def fit_psf(
     for iteration in range(n_iter):
         # Re-centre and re-normalise the stars against the current model.
         idx = np.flatnonzero(ok)
-        fx, fy, _, _, failed = fit_centroids(
-            image, variance, usable_pixels, psf, xs[idx], ys[idx], 3, 2.0
-        )
+        fx, fy, _, _, failed = fit_centroids(image, variance, usable_pixels, psf, xs[idx], ys[idx], 3, 2.0)
         xs[idx], ys[idx] = fx, fy
         use[idx[failed]] = False
         data, var, cx, cy, ok_now = _cut_stamps(image, variance, mask, xs, ys, half)
@@ -251,7 +264,11 @@ def fit_psf(
         psf = PixelPsf(basis, fit_order, bbox)
         # Residuals of each star against the new model, at its own position.
         model = shifted_psf_stamps(psf_kernels(psf, xs[sel], ys[sel]), xs[sel] - cx[sel], ys[sel] - cy[sel])
-        resid = (data[sel] - flux[sel, None, None] * model) / np.sqrt(var[sel])
+        # Residuals in units of the noise plus a fractional model error, so that bright
+        # stars are not rejected merely because they see the model's small imperfections
+        # (which would leave the model fit only to faint stars).
+        model_var = (model_error_fraction * flux[sel, None, None] * model) ** 2
+        resid = (data[sel] - flux[sel, None, None] * model) / np.sqrt(var[sel] + model_var)
         core = model > 1e-3 * model.max(axis=(1, 2), keepdims=True)
         chi2_dof = np.sum(resid**2 * core, axis=(1, 2)) / np.maximum(core.sum(axis=(1, 2)), 1)
         if iteration < n_iter - 1:
@@ -276,7 +293,11 @@ def _solve_pixels(norm, weights, xs, ys, bbox, order):
     normal = np.einsum("np,ni,nj->pij", w, terms, terms)
     rhs = np.einsum("np,np,ni->pi", w, d, terms)
     # Pixels with (almost) no data keep a tiny ridge so the solve stays finite.
-    normal += 1e-12 * np.eye(terms.shape[1])[None] * np.maximum(normal.trace(axis1=1, axis2=2), 1e-30)[:, None, None]
+    normal += (
+        1e-12
+        * np.eye(terms.shape[1])[None]
+        * np.maximum(normal.trace(axis1=1, axis2=2), 1e-30)[:, None, None]
+    )
     coeffs = np.linalg.solve(normal, rhs[:, :, None])[:, :, 0]  # (P, n_terms)
     return coeffs.T.reshape(terms.shape[1], k, k)
 
@@ -296,8 +317,17 @@ def psf_residuals(image, variance, mask, psf: PixelPsf, stars_xy) -> Table:
     x, y, _, _, _ = fit_centroids(image, variance, good, psf, stars_xy[:, 0], stars_xy[:, 1], 4, 2.0)
     flux, err, chi2, n_core, _ = psf_flux(image, variance, mask, psf, x, y)
     ndof = np.maximum(n_core - 3, 1)
-    return Table({"x": x, "y": y, "psfFlux": flux, "psfFluxErr": err, "chi2": chi2, "ndof": ndof,
-                  "chi2_dof": chi2 / ndof})
+    return Table(
+        {
+            "x": x,
+            "y": y,
+            "psfFlux": flux,
+            "psfFluxErr": err,
+            "chi2": chi2,
+            "ndof": ndof,
+            "chi2_dof": chi2 / ndof,
+        }
+    )
 
 
 def adaptive_fwhm(kernel: np.ndarray) -> float:

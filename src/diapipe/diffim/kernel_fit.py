@@ -348,6 +348,8 @@ def fit_psf_matching_kernel(
     max_iterations: int = 3,
     chi2_floor: float = 2.25,
     core_half_size: int | None = None,
+    neighbour_xy=None,
+    neighbour_radius_pix: float = 8.0,
     clip_sigma: float = 4.0,
     kernel_sum_clip_sigma: float = 3.0,
     max_median_chi2: float = 4.0,
@@ -378,6 +380,9 @@ def fit_psf_matching_kernel(
     chi2_floor, clip_sigma : `float`
         A stamp is rejected when its core chi² per pixel exceeds both ``chi2_floor``
         (ip_diffim's residual-std limit 1.5, squared) and ``median + clip_sigma * robust sigma``.
+    neighbour_xy : array (n, 2), optional
+        Positions of all catalogue sources; pixels within ``neighbour_radius_pix`` of
+        any of them (other than the stamp's own source) get zero weight.
     core_half_size : `int`, optional
         Half-size of the central box used for the rejection chi²; default
         ``fit_half_size - K // 2`` (at least 2).
@@ -433,6 +438,14 @@ def fit_psf_matching_kernel(
     core = np.zeros((2 * half_fit + 1,) * 2, bool)
     core[half_fit - half_core : half_fit + half_core + 1, half_fit - half_core : half_fit + half_core + 1] = True
     core = core.ravel()
+    n_good = np.zeros(n_stamps)
+    n_good_core = np.zeros(n_stamps)
+    neighbour_tree = None
+    if neighbour_xy is not None and len(neighbour_xy) > 1:
+        from scipy.spatial import cKDTree
+
+        neighbour_tree = cKDTree(np.asarray(neighbour_xy, float).reshape(-1, 2))
+        reach = np.sqrt(2.0) * (half_fit + 1) + neighbour_radius_pix
     normal_c = np.empty((n_stamps, n_l, n_l))
     rhs_c = np.empty((n_stamps, n_l))
     tt_c = np.empty(n_stamps)
@@ -446,6 +459,21 @@ def fit_psf_matching_kernel(
             source_variance, xi[sl], yi[sl], half_fit
         )
         w = 1.0 / np.maximum(var, 1e-300)
+        if neighbour_tree is not None:
+            # zero the weight of pixels near other catalogue sources (a variable or a
+            # transient in a stamp corner would otherwise bend the kernel)
+            offs = np.arange(-half_fit, half_fit + 1)
+            for m, n_idx in enumerate(range(sl.start, sl.stop)):
+                near = neighbour_tree.query_ball_point([x[n_idx], y[n_idx]], r=reach)
+                for j in near:
+                    nxj, nyj = neighbour_tree.data[j]
+                    if np.hypot(nxj - x[n_idx], nyj - y[n_idx]) < 0.5:
+                        continue  # the stamp's own source
+                    dx = offs[None, :] + xi[n_idx] - nxj
+                    dy = offs[:, None] + yi[n_idx] - nyj
+                    w[m][dx**2 + dy**2 < neighbour_radius_pix**2] = 0.0
+        n_good[sl] = (w > 0).reshape(w.shape[0], -1).sum(axis=1)
+        n_good_core[sl] = (w > 0).reshape(w.shape[0], -1)[:, core].sum(axis=1)
         n = conv.shape[0]
         a = np.concatenate([conv.reshape(n, -1, n_b), np.ones((n, conv.shape[1] * conv.shape[2], 1))], axis=2)
         t = tgt.reshape(n, -1)
@@ -459,8 +487,8 @@ def fit_psf_matching_kernel(
         normal_c[sl] = np.einsum("npi,npj->nij", awc, ac)
         rhs_c[sl] = np.einsum("npi,np->ni", awc, tc)
         tt_c[sl] = ((tc * wc) * tc).sum(axis=1)
-    dof = (2 * half_fit + 1) ** 2 - n_l
-    n_core = int(core.sum())
+    dof = np.maximum(n_good - n_l, 1)
+    n_core = np.maximum(n_good_core, 1)
 
     def chi2_of(coeffs, use_core=True):
         m, r, t2, d = (normal_c, rhs_c, tt_c, n_core) if use_core else (normal, rhs, tt, dof)
@@ -490,7 +518,15 @@ def fit_psf_matching_kernel(
     if used.sum() < min_stamps:
         raise TooFewKernelSourcesError(int(used.sum()), min_stamps, "after per-stamp rejection")
 
-    # 2. spatial fit with iterative rejection
+    # 2. spatial fit with iterative rejection. With few stamps a polynomial of
+    # position is not constrained: lower the orders until there are at least
+    # two stamps per spatial term (else the fit is garbage away from the stamps).
+    requested_orders = (spatial_order, background_order)
+    n_ok = int(used.sum())
+    while spatial_order > 0 and n_ok < 2 * _n_terms(spatial_order):
+        spatial_order -= 1
+    while background_order > 0 and n_ok < 2 * _n_terms(background_order):
+        background_order -= 1
     bbox = (0.0, 0.0, float(nx - 1), float(ny - 1))
     u, v = normalised_position(x, y, bbox)
     e = _spatial_design(u, v, n_b, spatial_order, background_order, constant_scale)
@@ -547,6 +583,9 @@ def fit_psf_matching_kernel(
             "kernel_sq_sum_assumed": float(expected_kernel_sq_sum),
             "median_chi2_per_dof": median_chi2,
             "spatial_iterations": iterations,
+            "spatial_order": spatial_order,
+            "background_order": background_order,
+            "orders_reduced": (spatial_order, background_order) != requested_orders,
         },
     )
     if median_chi2 > max_median_chi2:

@@ -303,7 +303,7 @@ def subtract_images(
         half_fit + half_k,
         sn_min=kernel_sn_range[0],
         sn_max=kernel_sn_range[1],
-        isolation_radius_pix=np.sqrt(2.0) * half_fit,  # no other source anywhere in the fit box
+        isolation_radius_pix=half_k,
         max_sources=max_kernel_sources,
         min_sources=min_kernel_sources,
     )
@@ -317,6 +317,8 @@ def subtract_images(
         np.asarray(sources["y"], float)[indices],
         basis,
         fit_half_size=half_fit,
+        neighbour_xy=np.column_stack([np.asarray(sources["x"], float), np.asarray(sources["y"], float)]),
+        neighbour_radius_pix=max(3.0, 3.0 * sig_tgt),
         spatial_order=spatial_kernel_order,
         background_order=background_order,
         min_stamps=min_kernel_sources,

@@ -2,4 +2,4 @@
 
 from .lsstcam_imsim import BANDS, PHYSICAL_FILTERS, LsstCamImSim, physical_filter_for_band
 
-__all__ = ["LsstCamImSim", "BANDS", "PHYSICAL_FILTERS", "physical_filter_for_band"]
+__all__ = ["BANDS", "PHYSICAL_FILTERS", "LsstCamImSim", "physical_filter_for_band"]

@@ -42,19 +42,19 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 __all__ = [
-    "Amplifier",
-    "Detector",
-    "Camera",
-    "RAFT_CENTERS_MM",
-    "PLATE_SCALE_ARCSEC_PER_MM",
     "DISTORTION_CUBIC_ARCSEC_PER_MM3",
+    "PLATE_SCALE_ARCSEC_PER_MM",
+    "RAFT_CENTERS_MM",
+    "Amplifier",
+    "Camera",
+    "Detector",
+    "box_slices",
+    "detector_corners_sky",
+    "detector_wcs",
     "field_angle_arcsec",
     "focal_plane_radius_mm",
     "focal_plane_to_sky",
     "sky_to_focal_plane",
-    "detector_wcs",
-    "detector_corners_sky",
-    "box_slices",
 ]
 
 #: raft name -> (x, y) centre in focal-plane mm, from obs_lsst policy/imsim/rafts.yaml (raft order = id order)
@@ -322,7 +322,9 @@ class Camera:
                 return self._by_name[key]
             return self._by_id[int(key)]
         except KeyError:
-            raise KeyError(f"No detector {key!r} in LSSTCam-imSim (ids 0..188, names like 'R22_S11')") from None
+            raise KeyError(
+                f"No detector {key!r} in LSSTCam-imSim (ids 0..188, names like 'R22_S11')"
+            ) from None
 
     def __iter__(self):
         return iter(self._detectors)
@@ -424,7 +426,9 @@ def detector_wcs(
     xc, yc = (detector.nx - 1) / 2.0, (detector.ny - 1) / 2.0
     crval = focal_plane_to_sky(*detector.pixel_to_focal_plane(xc, yc), boresight_ra_deg, boresight_dec_deg,
                                rot_sky_pos_deg)  # fmt: skip
-    gx, gy = np.meshgrid(np.linspace(-0.5, detector.nx - 0.5, n_grid), np.linspace(-0.5, detector.ny - 0.5, n_grid))
+    gx, gy = np.meshgrid(
+        np.linspace(-0.5, detector.nx - 0.5, n_grid), np.linspace(-0.5, detector.ny - 0.5, n_grid)
+    )
     gx, gy = gx.ravel(), gy.ravel()
     ra, dec = focal_plane_to_sky(*detector.pixel_to_focal_plane(gx, gy), boresight_ra_deg, boresight_dec_deg,
                                  rot_sky_pos_deg)  # fmt: skip
@@ -477,7 +481,9 @@ def _gnomonic(ra_deg, dec_deg, ra0_deg, dec0_deg):
     return np.rad2deg(xi), np.rad2deg(eta)
 
 
-def detector_corners_sky(detector: Detector, boresight_ra_deg, boresight_dec_deg, rot_sky_pos_deg) -> np.ndarray:
+def detector_corners_sky(
+    detector: Detector, boresight_ra_deg, boresight_dec_deg, rot_sky_pos_deg
+) -> np.ndarray:
     """Sky (ra, dec) degrees of the 4 outer pixel-edge corners, shape (4, 2).
 
     Order: (-0.5, -0.5), (nx - 0.5, -0.5), (nx - 0.5, ny - 0.5), (-0.5, ny - 0.5) in pixels.

@@ -9,7 +9,14 @@ from lsst.utils.introspection import get_full_type_name
 
 from .camera import PARALLEL_OVERSCAN, SERIAL_OVERSCAN, SERIAL_PRESCAN, Camera, Detector
 
-__all__ = ["LsstCamImSim", "BANDS", "PHYSICAL_FILTERS", "physical_filter_for_band", "camera_for_amp_shape", "detector_for_raw"]
+__all__ = [
+    "BANDS",
+    "PHYSICAL_FILTERS",
+    "LsstCamImSim",
+    "camera_for_amp_shape",
+    "detector_for_raw",
+    "physical_filter_for_band",
+]
 
 BANDS = ("u", "g", "r", "i", "z", "y")
 #: physical filter -> band, as DC2's obs_lsst imsim filter definitions
@@ -85,7 +92,9 @@ class LsstCamImSim(Instrument):
             )
             for physical_filter, band in PHYSICAL_FILTERS.items():
                 registry.syncDimensionData(
-                    "physical_filter", {"instrument": name, "name": physical_filter, "band": band}, update=update
+                    "physical_filter",
+                    {"instrument": name, "name": physical_filter, "band": band},
+                    update=update,
                 )
             for detector in camera:
                 registry.syncDimensionData(

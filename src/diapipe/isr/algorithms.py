@@ -24,13 +24,13 @@ from diapipe.exposure.masks import MASK_DTYPE, any_set, bit, set_plane
 from diapipe.instrument.camera import Amplifier, Detector, box_slices
 
 __all__ = [
-    "overscan_per_row",
-    "overscan_correct",
     "assemble_amplifiers",
-    "saturation_masks",
-    "mask_defects",
     "interpolate_over_columns",
+    "mask_defects",
+    "overscan_correct",
+    "overscan_per_row",
     "run_isr",
+    "saturation_masks",
 ]
 
 
@@ -231,7 +231,9 @@ def run_isr(
     for amp in detector.amplifiers:
         if not np.isfinite(detector.raw_segment(raw, amp, "data")).any():
             raise ValueError(f"Amplifier {amp.name} of detector {detector.name} has no finite data pixels")
-        corrected[amp.name] = overscan_correct(raw, detector, amp, fit=overscan_fit, poly_order=overscan_order)
+        corrected[amp.name] = overscan_correct(
+            raw, detector, amp, fit=overscan_fit, poly_order=overscan_order
+        )
         sat_amp[amp.name], suspect_amp[amp.name] = saturation_masks(corrected[amp.name], amp)
 
     image_adu = assemble_amplifiers(corrected, detector)

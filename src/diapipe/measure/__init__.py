@@ -6,14 +6,14 @@ from diapipe.measure.detection import Footprints, detect_sources
 from diapipe.measure.measurement import DEFAULT_APERTURE_RADII, forced_measure, measure_sources
 
 __all__ = [
+    "DEFAULT_APERTURE_RADII",
     "Background",
-    "estimate_background",
-    "subtract_background",
     "Footprints",
     "detect_sources",
-    "DEFAULT_APERTURE_RADII",
-    "measure_sources",
-    "forced_measure",
+    "estimate_background",
     "find_cosmic_rays",
+    "forced_measure",
+    "measure_sources",
     "repair_cosmic_rays",
+    "subtract_background",
 ]

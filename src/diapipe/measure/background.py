@@ -22,7 +22,7 @@ from scipy.interpolate import CubicSpline
 
 from diapipe.exposure.masks import any_set
 
-__all__ = ["Background", "estimate_background", "subtract_background", "DEFAULT_BACKGROUND_BAD_PLANES"]
+__all__ = ["DEFAULT_BACKGROUND_BAD_PLANES", "Background", "estimate_background", "subtract_background"]
 
 #: Mask planes whose pixels never enter the background statistics.
 DEFAULT_BACKGROUND_BAD_PLANES = ("BAD", "SAT", "NO_DATA", "DETECTED", "DETECTED_NEGATIVE", "CR", "EDGE")
@@ -77,10 +77,20 @@ class Background:
         # Interpolation is linear in the cell values, so the separable 2-d
         # interpolant is Wy @ values @ Wx.T with Wy, Wx the 1-d interpolation
         # weights of each pixel row/column: two small matrix products.
-        wy = _interp1d(self.y_centers, np.eye(self.y_centers.size), np.arange(ny, dtype=float),
-                       self.interpolation, axis=0)  # (ny, ncy)
-        wx = _interp1d(self.x_centers, np.eye(self.x_centers.size), np.arange(nx, dtype=float),
-                       self.interpolation, axis=0)  # (nx, ncx)
+        wy = _interp1d(
+            self.y_centers,
+            np.eye(self.y_centers.size),
+            np.arange(ny, dtype=float),
+            self.interpolation,
+            axis=0,
+        )  # (ny, ncy)
+        wx = _interp1d(
+            self.x_centers,
+            np.eye(self.x_centers.size),
+            np.arange(nx, dtype=float),
+            self.interpolation,
+            axis=0,
+        )  # (nx, ncx)
         return ((wy @ self.values) @ wx.T).astype(dtype, copy=False)
 
     __call__ = evaluate
@@ -111,7 +121,7 @@ class Background:
                 arrays["x_centers"],
                 arrays["y_centers"],
                 tuple(int(s) for s in np.asarray(arrays["shape"])),
-                rms=arrays["rms"] if "rms" in arrays else None,
+                rms=arrays.get("rms"),
                 interpolation=str(np.asarray(arrays.get("interpolation", "spline"))),
             )
         except KeyError as err:
@@ -125,12 +135,20 @@ class Background:
             and self.shape == other.shape
         ):
             raise ValueError("Backgrounds can only be added when they share the same cell grid")
-        return Background(self.values + other.values, self.x_centers, self.y_centers, self.shape,
-                          rms=other.rms, interpolation=self.interpolation)
+        return Background(
+            self.values + other.values,
+            self.x_centers,
+            self.y_centers,
+            self.shape,
+            rms=other.rms,
+            interpolation=self.interpolation,
+        )
 
     def __repr__(self) -> str:
-        return (f"Background(shape={self.shape}, cells={self.values.shape}, "
-                f"mean={self.mean():.4g}, interpolation={self.interpolation!r})")
+        return (
+            f"Background(shape={self.shape}, cells={self.values.shape}, "
+            f"mean={self.mean():.4g}, interpolation={self.interpolation!r})"
+        )
 
 
 def _interp1d(knots, values, at, method, axis):
@@ -263,8 +281,8 @@ def estimate_background(
         if bad_planes:
             usable &= ~any_set(mask, bad_planes)
     bin_size = int(max(1, min(bin_size, ny, nx)))
-    ncx = max(1, int(round(nx / bin_size)))
-    ncy = max(1, int(round(ny / bin_size)))
+    ncx = max(1, round(nx / bin_size))
+    ncy = max(1, round(ny / bin_size))
     x_edges = np.linspace(0, nx, ncx + 1).round().astype(int)
     y_edges = np.linspace(0, ny, ncy + 1).round().astype(int)
     values = np.full((ncy, ncx), np.nan)
@@ -320,7 +338,12 @@ def _fill_missing(grid: np.ndarray) -> np.ndarray:
 
 
 def subtract_background(
-    image: np.ndarray, mask: np.ndarray | None = None, bin_size: int = 128, *, in_place: bool = False, **kwargs
+    image: np.ndarray,
+    mask: np.ndarray | None = None,
+    bin_size: int = 128,
+    *,
+    in_place: bool = False,
+    **kwargs,
 ) -> tuple[np.ndarray, Background]:
     """Estimate the background (see `estimate_background`) and subtract it.
 

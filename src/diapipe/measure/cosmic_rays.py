@@ -22,10 +22,10 @@ giving both itself and its neighbours ``noise_sigma`` sigma of slack
 with ``c = contrast_factor`` (Rubin's cond3_fac, 2.5) a safety margin for
 PSF misestimates. Point sources never satisfy this (their neighbours are at
 least ``r_d`` of their peak), however bright, while cosmic rays — sharp
-single- or few-pixel tracks — do. Candidates are grown into neighbouring
-pixels that are also significant and the process repeats on the image with
+single- or few-pixel tracks — do. The process repeats on the image with
 the found pixels interpolated (so the shoulders of a track, hidden by its
-brightest pixel, are found in the next pass).
+brightest pixel, are found in the next pass); finally the CRs are grown by one
+pixel into neighbours that are also significant.
 
 Repair replaces flagged pixels by a Gaussian-weighted mean of the good
 pixels around them (normalised convolution), sets CR and INTRP.
@@ -38,7 +38,7 @@ from scipy import ndimage
 
 from diapipe.exposure.masks import any_set, set_plane
 
-__all__ = ["find_cosmic_rays", "repair_cosmic_rays", "psf_neighbour_ratios"]
+__all__ = ["find_cosmic_rays", "psf_neighbour_ratios", "repair_cosmic_rays"]
 
 _DIRECTIONS = ((0, 1), (1, 0), (1, 1), (1, -1))  # (dy, dx): horizontal, vertical, two diagonals
 
@@ -62,7 +62,9 @@ def psf_neighbour_ratios(psf_sigma_pix: float | None = None, kernel: np.ndarray 
     kernel = np.asarray(kernel, float)
     c = kernel.shape[0] // 2
     peak = kernel[c, c]
-    return np.array([(kernel[c + dy, c + dx] + kernel[c - dy, c - dx]) / (2 * peak) for dy, dx in _DIRECTIONS])
+    return np.array(
+        [(kernel[c + dy, c + dx] + kernel[c - dy, c - dx]) / (2 * peak) for dy, dx in _DIRECTIONS]
+    )
 
 
 def _candidates(image, sigma, usable, ratios, min_sigma, noise_sigma, contrast_factor, min_value):
@@ -129,8 +131,9 @@ def find_cosmic_rays(
     contrast_factor : `float`
         Safety factor dividing the PSF ratio (Rubin's cond3_fac, 2.5);
         larger is more conservative.
-    grow_sigma : `float`
-        Neighbours of CR pixels above this significance join the CR.
+    grow_sigma : `float` or `None`
+        After the passes, neighbours of CR pixels above this significance
+        join the CR (None: no growing).
     n_iter : `int`
         Passes of find-interpolate-find.
     max_fraction : `float`
@@ -168,26 +171,31 @@ def find_cosmic_rays(
         if not new.any():
             break
         cr |= new
-        # Grow into significant neighbours (the wings of a track).
-        grown = ndimage.binary_dilation(cr, structure=eight)
-        cr |= grown & usable & (work > grow_sigma * sigma)
         if cr.mean() > max_fraction:
             raise ValueError(
                 f"find_cosmic_rays flagged {cr.mean():.1%} of the pixels (limit {max_fraction:.0%}): "
                 f"psf_sigma_pix={psf_sigma_pix} is probably too large for this image"
             )
         work = _interpolate(work, ~cr & usable, cr)
+    if grow_sigma is not None and cr.any():
+        # Grow once, at the end, into significant neighbours (the faint wings of a track).
+        # Growing inside the loop would let a CR next to a star eat into it: each
+        # interpolated star pixel makes its neighbour look sharp in the next pass.
+        grown = ndimage.binary_dilation(cr, structure=eight)
+        cr |= grown & usable & (np.where(usable, image, 0.0) > grow_sigma * sigma)
     return cr
 
 
-def _interpolate(image: np.ndarray, good: np.ndarray, where: np.ndarray, sigma_pix: float = 1.5) -> np.ndarray:
+def _interpolate(
+    image: np.ndarray, good: np.ndarray, where: np.ndarray, sigma_pix: float = 1.5
+) -> np.ndarray:
     """Replace ``where`` pixels by the Gaussian-weighted mean of ``good`` pixels around them.
 
     Works on the bounding boxes of the regions to repair, so the cost scales
     with the number of cosmic rays rather than the image size.
     """
     out = image.copy()
-    labels, n = ndimage.label(ndimage.binary_dilation(where, iterations=1))
+    labels, _ = ndimage.label(ndimage.binary_dilation(where, iterations=1))
     pad = int(np.ceil(4 * sigma_pix)) + 1
     ny, nx = image.shape
     for slc in ndimage.find_objects(labels):
@@ -197,8 +205,9 @@ def _interpolate(image: np.ndarray, good: np.ndarray, where: np.ndarray, sigma_p
         x0, x1 = max(slc[1].start - pad, 0), min(slc[1].stop + pad, nx)
         box = (slice(y0, y1), slice(x0, x1))
         g = good[box].astype(np.float32)
-        num = ndimage.gaussian_filter(np.where(good[box], image[box], 0.0).astype(np.float32), sigma_pix,
-                                      mode="constant")
+        num = ndimage.gaussian_filter(
+            np.where(good[box], image[box], 0.0).astype(np.float32), sigma_pix, mode="constant"
+        )
         den = ndimage.gaussian_filter(g, sigma_pix, mode="constant")
         fix = where[box]
         sub = out[box]
@@ -208,7 +217,11 @@ def _interpolate(image: np.ndarray, good: np.ndarray, where: np.ndarray, sigma_p
 
 
 def repair_cosmic_rays(
-    image: np.ndarray, mask: np.ndarray | None, cr_mask: np.ndarray, *, sigma_pix: float = 1.5,
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    cr_mask: np.ndarray,
+    *,
+    sigma_pix: float = 1.5,
     bad_planes=("BAD", "SAT", "NO_DATA"),
 ) -> int:
     """Interpolate over cosmic-ray pixels in place; set CR and INTRP in ``mask``.

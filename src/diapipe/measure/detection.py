@@ -29,7 +29,7 @@ from scipy import ndimage
 
 from diapipe.exposure.masks import any_set, bits, set_plane
 
-__all__ = ["Footprints", "detect_sources", "smoothed_significance", "gaussian_kernel_1d"]
+__all__ = ["Footprints", "detect_sources", "gaussian_kernel_1d", "smoothed_significance"]
 
 _THRESHOLD_TYPES = ("pixel_stdev", "stdev", "variance")
 _POLARITIES = ("positive", "negative", "both")
@@ -68,7 +68,7 @@ class Footprints:
 
     @property
     def n_footprints(self) -> int:
-        return int(len(np.unique(np.asarray(self.peaks["footprint"])))) if len(self.peaks) else 0
+        return len(np.unique(np.asarray(self.peaks["footprint"]))) if len(self.peaks) else 0
 
     def footprint_labels(self) -> np.ndarray:
         """One label image with both polarities (negative ids overwrite overlaps)."""
@@ -88,7 +88,10 @@ def gaussian_kernel_1d(sigma_pix: float, truncate: float = 4.0) -> np.ndarray:
 
 
 def smoothed_significance(
-    image: np.ndarray, variance: np.ndarray, sigma_pix: float, threshold_type: str = "pixel_stdev",
+    image: np.ndarray,
+    variance: np.ndarray,
+    sigma_pix: float,
+    threshold_type: str = "pixel_stdev",
     valid: np.ndarray | None = None,
 ) -> np.ndarray:
     """The image correlated with a Gaussian of ``sigma_pix``, in units of its noise.
@@ -112,13 +115,15 @@ def smoothed_significance(
     var = np.asarray(variance, dtype=np.float32)
     if valid is not None:
         data = np.where(valid, data, np.float32(0.0))
-    smooth = ndimage.correlate1d(ndimage.correlate1d(data, g, axis=0, mode="constant"), g, axis=1,
-                                 mode="constant")
+    smooth = ndimage.correlate1d(
+        ndimage.correlate1d(data, g, axis=0, mode="constant"), g, axis=1, mode="constant"
+    )
     if threshold_type == "pixel_stdev":
         var_in = var if valid is None else np.where(valid, var, np.float32(0.0))
         g2 = g**2
-        svar = ndimage.correlate1d(ndimage.correlate1d(var_in, g2, axis=0, mode="constant"), g2, axis=1,
-                                   mode="constant")
+        svar = ndimage.correlate1d(
+            ndimage.correlate1d(var_in, g2, axis=0, mode="constant"), g2, axis=1, mode="constant"
+        )
         with np.errstate(divide="ignore", invalid="ignore"):
             sig = np.where(svar > 0, smooth / np.sqrt(svar), np.float32(0.0))
     elif threshold_type == "variance":
@@ -326,7 +331,7 @@ def detect_sources(
     if mask is not None and ignore_planes:
         valid &= ~any_set(mask, ignore_planes)
     sig = smoothed_significance(image, variance, psf_sigma_pix, threshold_type, valid=valid)
-    peak_radius = max(1, int(round(psf_sigma_pix))) if peak_radius_pix is None else int(peak_radius_pix)
+    peak_radius = max(1, round(psf_sigma_pix)) if peak_radius_pix is None else int(peak_radius_pix)
     labels = np.zeros(image.shape, np.int32)
     labels_neg = None
     tables = []

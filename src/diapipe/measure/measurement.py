@@ -34,14 +34,14 @@ from diapipe.exposure.psf import PixelPsf, polynomial_terms
 
 __all__ = [
     "DEFAULT_APERTURE_RADII",
-    "measure_sources",
-    "forced_measure",
-    "psf_flux",
-    "aperture_flux",
     "aperture_column",
+    "aperture_flux",
+    "fit_centroids",
+    "forced_measure",
+    "measure_sources",
+    "psf_flux",
     "psf_kernels",
     "shifted_psf_stamps",
-    "fit_centroids",
 ]
 
 #: Aperture radii in pixels (Rubin measures 3, 4.5, 6, 9, 12, 17, 25, ...).
@@ -63,7 +63,7 @@ _FLAG_PLANES = {
 def aperture_column(radius_pix: float, err: bool = False) -> str:
     """Column name of an aperture flux: 4.5 -> ``apFlux_4_5`` (``apFluxErr_4_5``)."""
     whole = int(np.floor(radius_pix))
-    tenth = int(round(10 * (radius_pix - whole)))
+    tenth = round(10 * (radius_pix - whole))
     return f"apFlux{'Err' if err else ''}_{whole}_{tenth}"
 
 
@@ -102,8 +102,13 @@ def psf_kernels(psf: PixelPsf, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return kernels / kernels.sum(axis=(1, 2), keepdims=True)
 
 
-def shifted_psf_stamps(kernels: np.ndarray, dx: np.ndarray, dy: np.ndarray, derivatives: bool = False,
-                       spectrum: np.ndarray | None = None):
+def shifted_psf_stamps(
+    kernels: np.ndarray,
+    dx: np.ndarray,
+    dy: np.ndarray,
+    derivatives: bool = False,
+    spectrum: np.ndarray | None = None,
+):
     """Shift kernels (N, K, K) by sub-pixel (dx, dy) with a Fourier phase ramp.
 
     Returns the shifted stamps and, if ``derivatives``, also their x and y
@@ -111,7 +116,7 @@ def shifted_psf_stamps(kernels: np.ndarray, dx: np.ndarray, dy: np.ndarray, deri
     (``scipy.fft.rfft2`` of the kernels) can be passed to skip the forward
     transform when the same kernels are shifted repeatedly.
     """
-    n, ky_size, kx_size = kernels.shape
+    _, ky_size, kx_size = kernels.shape
     ky = sfft.fftfreq(ky_size)[None, :, None]
     kx = sfft.rfftfreq(kx_size)[None, None, :]
     phase = np.exp(-2j * np.pi * (kx * np.asarray(dx)[:, None, None] + ky * np.asarray(dy)[:, None, None]))
@@ -250,7 +255,9 @@ def fit_centroids(image, variance, good_full, psf, x0, y0, n_iter=3, max_shift=2
         good = inside & _cut(good_full, iy, ix)
         data = np.where(good, data, 0.0)
         var = np.where(good, var, 0.0)
-        model, ddx, ddy = (_crop(s_, half) for s_ in shifted_psf_stamps(kernels, x - cx, y - cy, True, spectrum))
+        model, ddx, ddy = (
+            _crop(s_, half) for s_ in shifted_psf_stamps(kernels, x - cx, y - cy, True, spectrum)
+        )
         # Restrict the fit to the PSF core, where the position information is.
         core = good & (model > 0.02 * model.max(axis=(1, 2), keepdims=True))
         basis = np.stack([model, -ddx, -ddy], axis=1)
@@ -266,7 +273,10 @@ def fit_centroids(image, variance, good_full, psf, x0, y0, n_iter=3, max_shift=2
         x_err = np.sqrt(cov[:, 1, 1]) / np.abs(flux)
         y_err = np.sqrt(cov[:, 2, 2]) / np.abs(flux)
     failed = (
-        ~np.isfinite(x) | ~np.isfinite(y) | ~np.isfinite(x_err) | ~np.isfinite(y_err)
+        ~np.isfinite(x)
+        | ~np.isfinite(y)
+        | ~np.isfinite(x_err)
+        | ~np.isfinite(y_err)
         | (np.hypot(x - x0, y - y0) > max_shift)
     )
     x = np.where(failed, x0, x)
@@ -299,9 +309,9 @@ def _adaptive_moments(data, good, dx, dy, sigma0, n_iter=20):
         xs, ys, d = xs_all[active], ys_all[active], d_all[active]
         axx, ayy, axy = wxx[active], wyy[active], wxy[active]
         det = axx * ayy - axy**2
-        q = (ayy[:, None, None] * xs**2 - 2 * axy[:, None, None] * xs * ys + axx[:, None, None] * ys**2) / det[
-            :, None, None
-        ]
+        q = (
+            ayy[:, None, None] * xs**2 - 2 * axy[:, None, None] * xs * ys + axx[:, None, None] * ys**2
+        ) / det[:, None, None]
         w = np.exp(-0.5 * q) * d
         norm = w.sum(axis=(1, 2))
         with np.errstate(divide="ignore", invalid="ignore"):

@@ -97,7 +97,8 @@ PRESETS: dict[str, Preset] = {
         n_science_visits=3,
         dither_radius_deg=8.0 / 3600,
         transients_per_deg2=20000.0,
-        star_density_scale=4.0,
+        # a small detector holds few stars at DC2 density; PSF and astrometry fits need ~30
+        star_density_scale=10.0,
         collection="2.2i/defaults/test",
     ),
 }

@@ -30,19 +30,19 @@ import numpy as np
 from diapipe.instrument.camera import Detector, box_slices
 
 __all__ = [
-    "DARK_CURRENT_E_PER_S",
     "COSMIC_RAY_RATE_PER_S_PER_CCD",
-    "true_flat",
-    "true_dark_rate",
-    "bias_pattern_adu",
-    "make_flat",
-    "make_defects",
-    "make_master_bias",
-    "make_master_dark",
+    "DARK_CURRENT_E_PER_S",
     "add_cosmic_rays",
+    "apply_detector_signature",
+    "bias_pattern_adu",
     "bleed_saturation",
     "electrons_to_raw",
-    "apply_detector_signature",
+    "make_defects",
+    "make_flat",
+    "make_master_bias",
+    "make_master_dark",
+    "true_dark_rate",
+    "true_flat",
 ]
 
 DARK_CURRENT_E_PER_S = 0.02
@@ -142,7 +142,9 @@ def make_master_bias(detector: Detector, rng: np.random.Generator, n_frames: int
     gain = detector.amp_value_image("gain")
     read_noise_e = detector.amp_value_image("read_noise_e")
     bias_e = bias_pattern_adu(detector) * gain
-    return (bias_e + read_noise_e / np.sqrt(n_frames) * rng.standard_normal(detector.shape)).astype(np.float32)
+    return (bias_e + read_noise_e / np.sqrt(n_frames) * rng.standard_normal(detector.shape)).astype(
+        np.float32
+    )
 
 
 def make_master_dark(

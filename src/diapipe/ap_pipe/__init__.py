@@ -1,0 +1,1 @@
+"""diapipe's pipeline definitions, exported as AP_PIPE_DIR (see `diapipe env`)."""
