@@ -49,7 +49,7 @@ def _load(name):
         image = np.ascontiguousarray(hdul[0].data, dtype=np.float64)
         header = hdul[0].header
     gain, rdnoise = float(header["GAIN"]), float(header["RDNOISE"])
-    q25, q50, q75 = np.percentile(image, [25, 50, 75])
+    q25, q75 = np.percentile(image, [25, 75])
     if "SKYBRITE" in header:
         sky_var = float(header["SKYBRITE"]) / gain + (rdnoise / gain) ** 2
     else:

@@ -15,6 +15,7 @@ from diapipe.diffim.subtract import choose_convolve_template, subtract_images, v
 from diapipe.exposure import masks
 from diapipe.exposure.psf import PixelPsf
 
+
 def gauss_kernel(sigma, size):
     h = size // 2
     y, x = np.mgrid[-h:h+1, -h:h+1]

@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy.optimize import minimize_scalar
+from testing_helpers import make_tan_sip_wcs
 
 from diapipe.sim.observing import make_visits, njy_to_electrons
 from diapipe.sim.render import (
@@ -15,9 +16,8 @@ from diapipe.sim.render import (
     psf_for_detector,
     render_detector,
 )
-from diapipe.sim.sky import SkyCatalog, make_sky_catalog, mag_to_njy
+from diapipe.sim.sky import SkyCatalog, mag_to_njy, make_sky_catalog
 from diapipe.sim.truth import TRUTH_COLUMNS, visit_truth
-from testing_helpers import make_tan_sip_wcs
 
 SHAPE = (256, 256)
 
@@ -35,8 +35,8 @@ def wcs(visit):
 def _catalog(wcs, xy, mags, kind="star", **shape):
     ra, dec = wcs.all_pix2world(np.array([p[0] for p in xy]), np.array([p[1] for p in xy]), 0)
     n = len(xy)
-    cols = dict(id=np.arange(1, n + 1, dtype=np.int64), type=[kind] * n, ra=ra, dec=dec, mag_r=mags,
-                host_id=np.full(n, -1, np.int64))
+    cols = {"id": np.arange(1, n + 1, dtype=np.int64), "type": [kind] * n, "ra": ra, "dec": dec, "mag_r": mags,
+                "host_id": np.full(n, -1, np.int64)}
     for name in ("hlr_disk_arcsec", "hlr_bulge_arcsec", "bulge_frac", "ellip_g", "pa_deg", "epoch_mjd"):
         cols[name] = np.full(n, shape.get(name, np.nan))
     return SkyCatalog(pd.DataFrame(cols), bands=("r",))
@@ -128,7 +128,7 @@ def test_galaxy_matches_galsim_and_orientation(visit, wcs, psf_model):
     yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]] - np.array([y, x])[:, None, None]
     w = res.image
     ixx, iyy, ixy = (w * xx * xx).sum(), (w * yy * yy).sum(), (w * xx * yy).sum()
-    evals, evecs = np.linalg.eigh([[ixx, ixy], [ixy, iyy]])
+    _, evecs = np.linalg.eigh([[ixx, ixy], [ixy, iyy]])
     major = evecs[:, 1]
     north = m @ np.array([0.0, 1.0])
     assert abs(major @ north) / np.linalg.norm(north) > 0.98

@@ -83,7 +83,6 @@ def characterize_image(
     psf = PixelPsf.gaussian(initial_fwhm_pix / GAUSSIAN_FWHM_PER_SIGMA, size=psf_kernel_size, bbox=bbox)
     n_cr = 0
     catalog = None
-    psf_stars = np.zeros(0, dtype=int)
     for iteration in range(n_iterations):
         background = estimate_background(raw, mask, bin_size=background_bin_size)
         image = (raw - background.evaluate(raw.shape)).astype(np.float32)
@@ -94,7 +93,7 @@ def characterize_image(
         raw = np.where(cr, image + background.evaluate(raw.shape), raw).astype(np.float32)
         footprints = detect_sources(image, variance, mask, sigma, detection_threshold, polarity="positive")
         catalog = measure_sources(image, variance, mask, psf, footprints)
-        psf_stars = select_psf_stars(catalog)
+        psf_stars = np.flatnonzero(select_psf_stars(catalog))
         if len(psf_stars) < min_psf_stars:
             raise TooFewSourcesError(
                 f"only {len(psf_stars)} usable PSF stars (need {min_psf_stars}) among {len(catalog)} "
@@ -107,9 +106,7 @@ def characterize_image(
         psf = fit_psf(image, variance, mask, stars_xy, bbox, kernel_size=psf_kernel_size, order=order)
     # final measurement with the final PSF
     catalog = measure_sources(image, variance, mask, psf, footprints)
-    used = np.zeros(len(catalog), dtype=bool)
-    psf_stars = select_psf_stars(catalog)
-    used[psf_stars] = True
+    used = np.asarray(select_psf_stars(catalog), dtype=bool)
     catalog["calib_psf_used"] = used
     ap_corr, ap_stats = None, {}
     ap_col = aperture_column(ap_corr_radius_pix)

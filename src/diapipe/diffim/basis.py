@@ -30,8 +30,8 @@ __all__ = [
     "SIGMA_TO_FWHM",
     "KernelBasis",
     "alard_lupton_sigmas",
-    "make_alard_lupton_basis",
     "basis_for_psfs",
+    "make_alard_lupton_basis",
 ]
 
 SIGMA_TO_FWHM = 2.0 * np.sqrt(2.0 * np.log(2.0))
@@ -84,8 +84,8 @@ def alard_lupton_sigmas(
     floor is 0.4 px and the widths follow ip_diffim's sum-of-Gaussians
     deconvolution series built from ``[w, wβ, wβ²]``, all with degree 3.
 
-    >>> alard_lupton_sigmas(1.6, 2.2)[0]  # doctest: +ELLIPSIS
-    [0.755..., 1.51..., 3.02...]
+    >>> [round(s, 3) for s in alard_lupton_sigmas(1.6, 2.2)[0]]
+    [0.755, 1.51, 3.02]
     """
     degrees = [int(d) for d in degrees]
     n_gauss = len(degrees)
@@ -152,8 +152,8 @@ def make_alard_lupton_basis(sigmas_pix, degrees, size: int) -> KernelBasis:
     """Build the renormalised basis for given widths, degrees and (odd) size.
 
     >>> basis = make_alard_lupton_basis([0.75, 1.5, 3.0], [4, 2, 2], 21)
-    >>> basis.n_basis, round(float(basis.images[0].sum()), 12), round(float(basis.images[5].sum()), 12)
-    (27, 1.0, 0.0)
+    >>> basis.n_basis, round(float(basis.images[0].sum()), 12), abs(float(basis.images[5].sum())) < 1e-12
+    (27, 1.0, True)
     """
     size = int(size)
     if size % 2 != 1 or size < 3:

@@ -28,11 +28,11 @@ from ..exposure import masks
 from .kernel_fit import KernelSolution, normalised_position
 
 __all__ = [
-    "spatial_weight_maps",
     "convolve_image",
     "convolve_variance",
-    "grow_mask",
     "convolve_with_solution",
+    "grow_mask",
+    "spatial_weight_maps",
 ]
 
 #: Planes OR-ed over the kernel footprint when an image is convolved.

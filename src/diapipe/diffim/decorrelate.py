@@ -32,7 +32,7 @@ from scipy.signal import fftconvolve, oaconvolve
 
 from ..exposure.psf import PixelPsf
 
-__all__ = ["DecorrelationKernel", "decorrelation_kernel", "decorrelate_difference", "DecorrelationResult"]
+__all__ = ["DecorrelationKernel", "DecorrelationResult", "decorrelate_difference", "decorrelation_kernel"]
 
 
 @dataclass(frozen=True)

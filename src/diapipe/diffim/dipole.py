@@ -27,7 +27,7 @@ from scipy.spatial import cKDTree
 
 from ..exposure.psf import PixelPsf
 
-__all__ = ["DipoleFit", "pair_dipoles", "fit_dipole", "measure_dipoles"]
+__all__ = ["DipoleFit", "fit_dipole", "measure_dipoles", "pair_dipoles"]
 
 
 @dataclass(frozen=True)

@@ -32,14 +32,14 @@ from ..exposure.psf import polynomial_terms
 from .basis import KernelBasis
 
 __all__ = [
-    "TooFewKernelSourcesError",
     "BadPsfMatchError",
-    "KernelSolution",
     "KernelFitResult",
-    "select_kernel_sources",
+    "KernelSolution",
+    "TooFewKernelSourcesError",
     "convolve_stamps",
     "fit_psf_matching_kernel",
     "normalised_position",
+    "select_kernel_sources",
 ]
 
 #: Mask planes that disqualify a kernel stamp (ip_diffim's badMaskPlanes).

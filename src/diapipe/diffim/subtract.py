@@ -44,9 +44,9 @@ from .kernel_fit import KernelSolution, fit_psf_matching_kernel, select_kernel_s
 
 __all__ = [
     "SubtractionResult",
+    "choose_convolve_template",
     "subtract_images",
     "variance_rescale_factor",
-    "choose_convolve_template",
 ]
 
 #: Planes excluded from noise statistics.
@@ -281,12 +281,12 @@ def subtract_images(
     meta["science_psf_sigma_pix"] = sigma_sci
     meta["template_psf_sigma_pix"] = sigma_tmp
     if convolve_template:
-        src, src_var, src_mask, src_psf = tmp, tmp_var, tmp_mask, template_psf
-        tgt, tgt_var, tgt_mask, tgt_psf = sci, sci_var, sci_mask, science_psf
+        src, src_var, src_mask = tmp, tmp_var, tmp_mask
+        tgt, tgt_var, tgt_psf = sci, sci_var, science_psf
         sig_src, sig_tgt = sigma_tmp, sigma_sci
     else:
-        src, src_var, src_mask, src_psf = sci, sci_var, sci_mask, science_psf
-        tgt, tgt_var, tgt_mask, tgt_psf = tmp, tmp_var, tmp_mask, template_psf
+        src, src_var, src_mask = sci, sci_var, sci_mask
+        tgt, tgt_var, tgt_psf = tmp, tmp_var, template_psf
         sig_src, sig_tgt = sigma_sci, sigma_tmp
     basis = basis_for_psfs(sig_src, sig_tgt)
     half_k = basis.size // 2

@@ -67,27 +67,16 @@ def psf_neighbour_ratios(psf_sigma_pix: float | None = None, kernel: np.ndarray 
     )
 
 
-def _candidates(image, sigma, usable, ratios, min_sigma, noise_sigma, contrast_factor, min_value):
-    """Boolean map of pixels sharper than the PSF allows (edges never flagged)."""
-    core = image[1:-1, 1:-1]
-    s_c = sigma[1:-1, 1:-1]
-    significant = (core > min_sigma * s_c) & (core > min_value) & usable[1:-1, 1:-1]
-    found = np.zeros(image.shape, bool)
-    if not significant.any():
-        return found
-    allowed = core - noise_sigma * s_c
-    hit = np.zeros(core.shape, bool)
-    ny, nx = image.shape
+def _sharp(image, sigma, py, px, ratios, noise_sigma, contrast_factor):
+    """For pixels (py, px) (not on the image border): True where sharper than the PSF allows."""
+    centre = image[py, px] - noise_sigma * sigma[py, px]
+    hit = np.zeros(py.size, bool)
     for (dy, dx), ratio in zip(_DIRECTIONS, ratios):
-        ys_p = slice(1 + dy, ny - 1 + dy)
-        xs_p = slice(1 + dx, nx - 1 + dx)
-        ys_m = slice(1 - dy, ny - 1 - dy)
-        xs_m = slice(1 - dx, nx - 1 - dx)
-        mean_n = 0.5 * (image[ys_p, xs_p] + image[ys_m, xs_m])
-        s_n = 0.5 * np.sqrt(sigma[ys_p, xs_p] ** 2 + sigma[ys_m, xs_m] ** 2)
-        hit |= mean_n + noise_sigma * s_n < (ratio / contrast_factor) * allowed
-    found[1:-1, 1:-1] = hit & significant
-    return found
+        a = image[py + dy, px + dx]
+        b = image[py - dy, px - dx]
+        s_n = 0.5 * np.sqrt(sigma[py + dy, px + dx] ** 2 + sigma[py - dy, px - dx] ** 2)
+        hit |= 0.5 * (a + b) + noise_sigma * s_n < (ratio / contrast_factor) * centre
+    return hit
 
 
 def find_cosmic_rays(
@@ -158,25 +147,37 @@ def find_cosmic_rays(
     if image.shape != variance.shape or (mask is not None and mask.shape != image.shape):
         raise ValueError("image, variance and mask must have the same shape")
     ratios = psf_neighbour_ratios(psf_sigma_pix, psf_kernel)
+    eight = np.ones((3, 3), bool)
     sigma = np.sqrt(np.clip(variance, 0.0, None))
     usable = np.isfinite(image) & np.isfinite(sigma)
     if mask is not None and ignore_planes:
         usable &= ~any_set(mask, ignore_planes)
     work = np.where(usable, image, np.float32(0.0))
+    # Only significant pixels can be cosmic rays: test them sparsely (a few % of a detector).
+    significant = usable & (work > min_sigma * sigma) & (work > min_value)
+    significant[[0, -1], :] = False
+    significant[:, [0, -1]] = False
+    py, px = np.nonzero(significant)
     cr = np.zeros(image.shape, bool)
-    eight = np.ones((3, 3), bool)
     for _ in range(n_iter):
-        new = _candidates(work, sigma, usable, ratios, min_sigma, noise_sigma, contrast_factor, min_value)
-        new &= ~cr
-        if not new.any():
+        if py.size == 0:
             break
-        cr |= new
-        if cr.mean() > max_fraction:
+        hit = _sharp(work, sigma, py, px, ratios, noise_sigma, contrast_factor)
+        if not hit.any():
+            break
+        hy, hx = py[hit], px[hit]
+        cr[hy, hx] = True
+        if cr.sum() > max_fraction * cr.size:
             raise ValueError(
                 f"find_cosmic_rays flagged {cr.mean():.1%} of the pixels (limit {max_fraction:.0%}): "
                 f"psf_sigma_pix={psf_sigma_pix} is probably too large for this image"
             )
-        work = _interpolate(work, ~cr & usable, cr)
+        new = np.zeros(image.shape, bool)
+        new[hy, hx] = True
+        work = _interpolate(work, ~cr & usable, new)
+        # Next pass: only the significant neighbours of what was just found can change.
+        near = ndimage.binary_dilation(new, structure=eight) & significant & ~cr
+        py, px = np.nonzero(near)
     if grow_sigma is not None and cr.any():
         # Grow once, at the end, into significant neighbours (the faint wings of a track).
         # Growing inside the loop would let a CR next to a star eat into it: each

@@ -32,18 +32,18 @@ __all__ = [
     "BAND_PARAMS",
     "CERRO_PACHON_LAT_DEG",
     "CERRO_PACHON_LON_DEG",
+    "FOCAL_PLANE_RADIUS_MM",
     "Visit",
-    "make_visits",
-    "visits_table",
     "airmass_from_altitude",
     "fwhm_eff_arcsec",
     "fwhm_geom_arcsec",
-    "njy_to_electrons",
-    "sky_e_per_px",
     "m5_point_source",
-    "psf_fwhm_at",
+    "make_visits",
+    "njy_to_electrons",
     "psf_ellipticity_at",
-    "FOCAL_PLANE_RADIUS_MM",
+    "psf_fwhm_at",
+    "sky_e_per_px",
+    "visits_table",
 ]
 
 CERRO_PACHON_LAT_DEG = -30.2444
@@ -53,12 +53,12 @@ DC2_START_MJD = 59580.0
 
 # band: (dark sky mag/arcsec², zp 1 e-/s, FWHMeff zenith ("), k, m5 30 s, lambda_eff nm)
 BAND_PARAMS = {
-    "u": dict(sky_mag=23.05, zp=26.52, fwhm_eff_zenith=0.92, k=0.470, m5=23.70, lam_nm=366.0),
-    "g": dict(sky_mag=22.25, zp=28.51, fwhm_eff_zenith=0.87, k=0.213, m5=24.97, lam_nm=482.0),
-    "r": dict(sky_mag=21.20, zp=28.36, fwhm_eff_zenith=0.83, k=0.126, m5=24.52, lam_nm=622.0),
-    "i": dict(sky_mag=20.46, zp=28.17, fwhm_eff_zenith=0.80, k=0.096, m5=24.13, lam_nm=754.0),
-    "z": dict(sky_mag=19.61, zp=27.78, fwhm_eff_zenith=0.78, k=0.068, m5=23.56, lam_nm=869.0),
-    "y": dict(sky_mag=18.60, zp=26.82, fwhm_eff_zenith=0.76, k=0.171, m5=22.55, lam_nm=971.0),
+    "u": {"sky_mag": 23.05, "zp": 26.52, "fwhm_eff_zenith": 0.92, "k": 0.470, "m5": 23.70, "lam_nm": 366.0},
+    "g": {"sky_mag": 22.25, "zp": 28.51, "fwhm_eff_zenith": 0.87, "k": 0.213, "m5": 24.97, "lam_nm": 482.0},
+    "r": {"sky_mag": 21.20, "zp": 28.36, "fwhm_eff_zenith": 0.83, "k": 0.126, "m5": 24.52, "lam_nm": 622.0},
+    "i": {"sky_mag": 20.46, "zp": 28.17, "fwhm_eff_zenith": 0.80, "k": 0.096, "m5": 24.13, "lam_nm": 754.0},
+    "z": {"sky_mag": 19.61, "zp": 27.78, "fwhm_eff_zenith": 0.78, "k": 0.068, "m5": 23.56, "lam_nm": 869.0},
+    "y": {"sky_mag": 18.60, "zp": 26.82, "fwhm_eff_zenith": 0.76, "k": 0.171, "m5": 22.55, "lam_nm": 971.0},
 }
 # Sky brightening at full moon (mag), roughly: strong in the blue, weak in the red.
 _MOON_BRIGHTENING = {"u": 2.5, "g": 1.8, "r": 1.0, "i": 0.7, "z": 0.4, "y": 0.3}

@@ -23,9 +23,10 @@ detector through ``DetectorPsfModel`` (visit conditions + pixel → focal-plane 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import lru_cache
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -40,12 +41,12 @@ __all__ = [
     "MOFFAT_BETA",
     "PLATE_SCALE_ARCSEC_PER_MM",
     "DetectorPsfModel",
-    "affine_pix_to_fp",
     "RenderedDetector",
-    "render_detector",
+    "affine_pix_to_fp",
     "draw_point_source",
-    "psf_for_detector",
     "local_jacobian",
+    "psf_for_detector",
+    "render_detector",
 ]
 
 MOFFAT_BETA = 4.765
@@ -83,7 +84,7 @@ class DetectorPsfModel:
     """
 
     visit: Visit
-    pix_to_fp_mm: Callable = affine_pix_to_fp()
+    pix_to_fp_mm: Callable = field(default_factory=affine_pix_to_fp)
     plate_scale_arcsec_per_mm: float = PLATE_SCALE_ARCSEC_PER_MM
     beta: float = MOFFAT_BETA
 
@@ -186,7 +187,7 @@ def _sersic_profile(r, n):
     return np.exp(-b * (r ** (1.0 / n) - 1.0))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _mog(kind: str, beta: float = MOFFAT_BETA):
     """(amplitudes summing to 1, variances) of a circular mixture of Gaussians.
 
@@ -288,7 +289,7 @@ def _draw_gaussian_batch(image, xc, yc, amps, covs, max_half=200, chunk_elems=2_
             py = iy_all[k][:, None] + off[None, :]
             dx = (px - xc[k][:, None]).astype(np.float32)[:, None, :]
             dy = (py - yc[k][:, None]).astype(np.float32)[:, :, None]
-            f32 = lambda a: a.astype(np.float32)[:, None, None]  # noqa: E731
+            f32 = lambda a: a.astype(np.float32)[:, None, None]
             arg = f32(-0.5 * ia[k]) * dx * dx + f32(-ib[k]) * dx * dy + f32(-0.5 * ic[k]) * dy * dy
             val = f32(norm[k]) * np.exp(arg)
             inside = ((px >= 0) & (px < nx))[:, None, :] & ((py >= 0) & (py < ny))[:, :, None]

@@ -238,8 +238,12 @@ def _day_obs(mjd: float) -> int:
     return int(Time(mjd - 0.5, format="mjd", scale="tai").utc.strftime("%Y%m%d"))
 
 
-def _insert_observation_records(butler, visits, regions):
-    """exposure/visit/day_obs/group/visit_detector_region records (idempotent)."""
+def _insert_observation_records(butler, visits, regions, reported):
+    """exposure/visit/day_obs/group/visit_detector_region records (idempotent).
+
+    ``reported``: visit id -> the boresight the telescope reports, which is what
+    the records (like the raws' headers) carry; the true one is only in the truth.
+    """
     from lsst.daf.butler import Timespan
 
     from ..butler.repo import polygon_from_radec
@@ -275,8 +279,8 @@ def _insert_observation_records(butler, visits, regions):
                 "seq_end": visit.visit % 100000,
                 "target_name": "DC2",
                 "science_program": "diapipe-sim",
-                "tracking_ra": visit.boresight_ra,
-                "tracking_dec": visit.boresight_dec,
+                "tracking_ra": float(reported[visit.visit][0]),
+                "tracking_dec": float(reported[visit.visit][1]),
                 "sky_angle": visit.rot_sky_pos_deg,
                 "azimuth": None,
                 "zenith_angle": zenith,
@@ -494,7 +498,7 @@ def simulate_repo(
     staging = os.path.join(repo, ".sim_staging")
     os.makedirs(staging, exist_ok=True)
     try:
-        _insert_observation_records(butler, visits, regions)
+        _insert_observation_records(butler, visits, regions, reported)
         butler.registry.registerRun(RAW_COLLECTION)
         butler.registry.registerRun(TRUTH_COLLECTION)
         tasks = [
@@ -546,7 +550,11 @@ def simulate_repo(
 def _run_all(tasks, jobs):
     if jobs == 1:
         for task in tasks:
-            yield _simulate_detector_visit(task)
+            try:
+                result = _simulate_detector_visit(task)
+            except Exception as err:
+                raise SimulationError(f"failed on visit {task[1].visit} detector {task[2]}: {err}") from err
+            yield result
         return
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("fork")) as pool:
         futures = [pool.submit(_simulate_detector_visit, task) for task in tasks]

@@ -51,16 +51,16 @@ import pandas as pd
 
 __all__ = [
     "BANDS",
+    "GALAXY_DENSITY_I25_PER_ARCMIN2",
+    "STAR_DENSITY_R24_PER_DEG2",
     "SkyCatalog",
-    "make_sky_catalog",
-    "make_sky_catalog_cone",
     "flux_njy",
     "mag_to_njy",
+    "make_sky_catalog",
+    "make_sky_catalog_cone",
     "njy_to_mag",
-    "transient_flux_ratio",
     "reference_catalog",
-    "STAR_DENSITY_R24_PER_DEG2",
-    "GALAXY_DENSITY_I25_PER_ARCMIN2",
+    "transient_flux_ratio",
 ]
 
 BANDS = ("u", "g", "r", "i", "z", "y")
@@ -238,10 +238,7 @@ def _empty_columns(n, bands):
     for b in bands:
         cols[f"mag_{b}"] = np.full(n, np.nan)
     cols["host_id"] = np.full(n, -1, np.int64)
-    for name in (
-        "hlr_disk_arcsec hlr_bulge_arcsec bulge_frac ellip_g pa_deg var_period_d var_amp_mag var_phase "
-        "t_explosion_mjd rise_days decline_mag_per_day dra_cosdec_deg_per_day ddec_deg_per_day epoch_mjd"
-    ).split():
+    for name in ["hlr_disk_arcsec", "hlr_bulge_arcsec", "bulge_frac", "ellip_g", "pa_deg", "var_period_d", "var_amp_mag", "var_phase", "t_explosion_mjd", "rise_days", "decline_mag_per_day", "dra_cosdec_deg_per_day", "ddec_deg_per_day", "epoch_mjd"]:
         cols[name] = np.full(n, np.nan)
     return cols
 
@@ -442,18 +439,18 @@ def make_sky_catalog(
         raise ValueError(f"unknown band(s) {bad}; expected a subset of {BANDS}")
     if not (0.0 <= ra_min < ra_max <= 360.0) or not (-90.0 <= dec_min < dec_max <= 90.0):
         raise ValueError(f"bad sky box ra [{ra_min}, {ra_max}], dec [{dec_min}, {dec_max}]")
-    cfg = dict(
-        mjd_range=tuple(mjd_range),
-        transients_per_deg2=transients_per_deg2,
-        transient_host_fraction=transient_host_fraction,
-        transient_peak_mag_range=tuple(transient_peak_mag_range),
-        moving_per_deg2=moving_per_deg2,
-        galaxy_mag_limit=galaxy_mag_limit,
-        star_mag_range=tuple(star_mag_range),
-        variable_fraction=variable_fraction,
-        star_density_scale=star_density_scale,
-        galaxy_density_scale=galaxy_density_scale,
-    )
+    cfg = {
+        "mjd_range": tuple(mjd_range),
+        "transients_per_deg2": transients_per_deg2,
+        "transient_host_fraction": transient_host_fraction,
+        "transient_peak_mag_range": tuple(transient_peak_mag_range),
+        "moving_per_deg2": moving_per_deg2,
+        "galaxy_mag_limit": galaxy_mag_limit,
+        "star_mag_range": tuple(star_mag_range),
+        "variable_fraction": variable_fraction,
+        "star_density_scale": star_density_scale,
+        "galaxy_density_scale": galaxy_density_scale,
+    }
     sky_seed = int(rng.integers(0, 2**63 - 1))
     frames = []
     for cell in _cells_for_box(ra_min, ra_max, dec_min, dec_max):

@@ -39,7 +39,7 @@ import pandas as pd
 from .observing import Visit, njy_to_electrons
 from .sky import njy_to_mag
 
-__all__ = ["object_truth_table", "visit_truth", "TRUTH_COLUMNS"]
+__all__ = ["TRUTH_COLUMNS", "object_truth_table", "visit_truth"]
 
 TRUTH_COLUMNS = (
     "id", "type", "ra", "dec", "x", "y", "band", "mjd", "flux_njy", "flux_e", "mag", "ref_flux_njy",
