@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 import sys
-from importlib import resources
 
 __all__ = ["main", "ap_pipe_dir"]
 
@@ -14,7 +13,9 @@ __all__ = ["main", "ap_pipe_dir"]
 def ap_pipe_dir() -> str:
     """The folder exported as ``AP_PIPE_DIR``: ``$AP_PIPE_DIR/pipelines/LsstCamImSim/*.yaml``
     are the guide's pipelines."""
-    return str(resources.files("diapipe") / "ap_pipe")
+    from ..pipelines import ap_pipe_dir as folder
+
+    return folder()
 
 
 def _cmd_env(args) -> int:

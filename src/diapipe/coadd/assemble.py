@@ -43,6 +43,8 @@ Steps (`assemble_coadd`):
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy import ndimage
 
@@ -138,7 +140,10 @@ def find_artifacts(
         cover.append(c > 0.5)
     matched = np.array(matched)
     cover = np.array(cover)
-    ref = np.nanmedian(np.where(cover, matched, np.nan), axis=0)
+    # pixels no input covers (outside every warp) are expected: their median is NaN, then 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ref = np.nanmedian(np.where(cover, matched, np.nan), axis=0)
     ref = np.where(np.isfinite(ref), ref, 0.0)
     outliers = np.zeros(matched.shape, bool)
     for i in range(n):
