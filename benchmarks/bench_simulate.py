@@ -113,7 +113,9 @@ def _worker(preset, visit, sky, staging, seed):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--json", default=None, help="output file (default benchmarks/results/simulate-<date>.json)")
+    parser.add_argument(
+        "--json", default=None, help="output file (default benchmarks/results/simulate-<date>.json)"
+    )
     args = parser.parse_args()
 
     load_before = os.getloadavg()
@@ -161,7 +163,9 @@ def main() -> None:
           f"the detector), PSF FWHM {visit.psf_fwhm_arcsec:.2f}\"")  # fmt: skip
     print(f"{'run':>4} {'worker s':>9} {'render s':>9} {'signature s':>12} {'write s':>8}")
     for i, r in enumerate(rows):
-        print(f"{i:>4} {r['worker_s']:9.2f} {r['render_s']:9.2f} {r['signature_s']:12.2f} {r['write_s']:8.2f}")
+        print(
+            f"{i:>4} {r['worker_s']:9.2f} {r['render_s']:9.2f} {r['signature_s']:12.2f} {r['write_s']:8.2f}"
+        )
     print(f"peak RSS {rss_peak:.0f} MB (after imports {rss_start:.0f} MB); tracemalloc peak of one worker "
           f"{traced_peak / 1e6:.0f} MB; raw FITS {size_mb:.0f} MB; load average before {load_before[0]:.2f}, "
           f"after {load_after[0]:.2f}")  # fmt: skip

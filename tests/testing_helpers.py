@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import pytest
+
 import numpy as np
 from astropy.wcs import WCS, Sip
 
 from diapipe.exposure.exposure import Exposure, PhotoCalib, VisitInfo
 from diapipe.exposure.psf import PixelPsf
 
-__all__ = ["make_tan_sip_wcs", "make_test_exposure"]
+__all__ = ["make_tan_sip_wcs", "make_test_exposure", "build_once"]
 
 
 def make_tan_sip_wcs(ra=61.86, dec=-35.8, crpix=(100.5, 80.25), rotation_deg=12.0, scale_arcsec=0.2, sip=True):
@@ -67,3 +72,32 @@ def make_test_exposure(seed=1, shape=(60, 80), xy0=(1000, 2000), with_everything
         metadata={"SKYLEVEL": 1234.5, "notes": ["a", "b"], "nested": {"k": 1}},
         xy0=xy0,
     )
+
+
+def _shared_dir(tmp_path_factory) -> Path:
+    # the parent of the per-worker base temp is common to all xdist workers
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    return root
+
+
+def build_once(tmp_path_factory, name, build):
+    """Run ``build(path)`` once per test session (across workers); return path."""
+    from filelock import FileLock
+
+    root = _shared_dir(tmp_path_factory)
+    path = root / name
+    done = root / f"{name}.done"
+    failed = root / f"{name}.failed"
+    with FileLock(str(root / f"{name}.lock")):
+        if failed.exists():
+            pytest.fail(f"building shared fixture {name} failed earlier in this session: {failed.read_text()}")
+        if not done.exists():
+            try:
+                build(path)
+            except BaseException as err:
+                failed.write_text(repr(err))
+                raise
+            done.write_text("ok")
+    return path

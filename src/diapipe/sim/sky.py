@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from ..exposure.photo_calib import mag_to_njy, njy_to_mag
+
 __all__ = [
     "BANDS",
     "GALAXY_DENSITY_I25_PER_ARCMIN2",
@@ -91,18 +93,6 @@ _SN_PEAK_OFFSET = {"u": 1.0, "g": 0.2, "r": 0.0, "i": 0.1, "z": 0.3, "y": 0.5}
 _SN_PEAK_DELAY_D = {"u": -2.0, "g": -1.0, "r": 0.0, "i": 1.5, "z": 2.5, "y": 3.0}
 _SN_DECLINE_SCALE = {"u": 1.6, "g": 1.3, "r": 1.0, "i": 0.8, "z": 0.7, "y": 0.6}
 _SN_TAIL_MAG_PER_DAY = 0.02
-
-
-def mag_to_njy(mag):
-    """AB magnitude to flux in nJy: 10**((31.4 - m) / 2.5)."""
-    return np.power(10.0, (31.4 - np.asarray(mag, dtype=float)) / 2.5)
-
-
-def njy_to_mag(flux_njy):
-    """Flux in nJy to AB magnitude (NaN for non-positive fluxes)."""
-    f = np.asarray(flux_njy, dtype=float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(f > 0, 31.4 - 2.5 * np.log10(np.where(f > 0, f, 1.0)), np.nan)
 
 
 @dataclass
