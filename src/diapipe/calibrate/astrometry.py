@@ -385,9 +385,12 @@ def _fit_tan_sip_detail(x, y, ra, dec, *, crpix=None, crval=None, sip_order=3, i
         xi, eta = proj.wcs_world2pix(ra, dec, 1)
         resid = np.column_stack([xi - design @ cxi + cxi[0], eta - design @ ceta + ceta[0]]) * _DEG2MAS
         # Per-axis robust sigma (outliers are often along one axis), floored at 0.1 mas so
-        # that noiseless (simulated) inputs do not clip on rounding errors.
-        sigma = np.maximum(1.4826 * np.median(np.abs(resid[used]), axis=0), 0.1)
-        new_used = used & (np.hypot(*(resid / sigma).T) <= clip_radius)
+        # that noiseless (simulated) inputs do not clip on rounding errors. With centroid
+        # errors, residuals are normalised by them first: otherwise a fit that (rightly)
+        # follows the bright stars clips the faint ones for their expected noise.
+        norm = resid * np.sqrt(weights / np.mean(weights[used]))[:, None]
+        sigma = np.maximum(1.4826 * np.median(np.abs(norm[used]), axis=0), 0.1)
+        new_used = used & (np.hypot(*(norm / sigma).T) <= clip_radius)
         if np.array_equal(new_used, used):
             break
         used = new_used
@@ -431,6 +434,44 @@ def _fit_tan_sip_detail(x, y, ra, dec, *, crpix=None, crval=None, sip_order=3, i
     if bbox[0] == 0 and bbox[1] == 0:
         wcs.pixel_shape = (nx, ny)
     return _TanSipFit(wcs=wcs, used=used, resid_mas=resid, sip_order=sip_order, inverse_max_err_pix=inv_err)
+
+
+def _weighted_chi2(fit: _TanSipFit, weights: np.ndarray, rows: np.ndarray) -> float:
+    return float(np.sum(np.sum(fit.resid_mas[rows] ** 2, axis=1) * weights[rows]))
+
+
+def _select_order(x, y, ra, dec, *, crpix, max_order: int, bbox, sigma_pix=None) -> _TanSipFit:
+    """Fit orders ``max_order`` down to 1 and keep the lowest order that the data do not
+    reject (Bayesian information criterion, with the noise scale of the highest-order fit).
+
+    A distortion polynomial that the stars do not constrain only adds noise, worst at the
+    corners where it extrapolates: on a small detector or a sparse field the distortion is
+    far below the centroid noise and a lower order is more accurate against the truth.
+    """
+    best = _fit_tan_sip_detail(x, y, ra, dec, crpix=crpix, sip_order=max_order, bbox=bbox, sigma_pix=sigma_pix)
+    if max_order <= 1:
+        return best
+    weights = np.ones(len(x)) if sigma_pix is None else 1.0 / np.maximum(np.asarray(sigma_pix, float), 1e-3) ** 2
+    n_terms_high = _n_terms(max_order)
+    rows_high = np.flatnonzero(best.used)
+    dof = 2 * len(rows_high) - 2 * n_terms_high
+    if dof <= 0:
+        return best
+    scale2 = max(_weighted_chi2(best, weights, rows_high) / dof, 1e-12)
+    for order in range(max_order - 1, 0, -1):
+        try:
+            lower = _fit_tan_sip_detail(x, y, ra, dec, crpix=crpix, sip_order=order, bbox=bbox, sigma_pix=sigma_pix)
+        except AstrometryError:
+            break
+        rows = np.flatnonzero(best.used & lower.used)
+        if len(rows) < 0.9 * len(rows_high):
+            break
+        delta_chi2 = (_weighted_chi2(lower, weights, rows) - _weighted_chi2(best, weights, rows)) / scale2
+        penalty = 2 * (_n_terms(best.sip_order) - _n_terms(order)) * np.log(2 * len(rows))
+        if delta_chi2 > penalty:
+            break
+        best = lower
+    return best
 
 
 def fit_tan_sip(x, y, ra, dec, *, crpix=None, crval=None, sip_order: int = 3,
@@ -565,9 +606,8 @@ def fit_wcs(src_x, src_y, src_flux, ref_ra, ref_dec, ref_flux, initial_wcs: WCS,
         order = sip_order
         while order > 1 and len(si) < 3 * 2 * _n_terms(order):
             order -= 1
-        fit = _fit_tan_sip_detail(src_x[si], src_y[si], ref_ra[ri], ref_dec[ri], crpix=crpix,
-                                  sip_order=order, bbox=bbox,
-                                  sigma_pix=None if sig is None else sig[si])
+        fit = _select_order(src_x[si], src_y[si], ref_ra[ri], ref_dec[ri], crpix=crpix, max_order=order,
+                            bbox=bbox, sigma_pix=None if sig is None else sig[si])
         wcs = fit.wcs
         if it == n_iter:
             break

@@ -63,6 +63,7 @@ def calibrate_image(
     astrometry_min_snr: float = 10.0,
     photometry_min_snr: float = 20.0,
     max_offset_arcsec: float = 20.0,
+    centroid_floor_pix: float = 0.01,
 ) -> CalibrateResult:
     """Detect, measure and calibrate one characterized image (electrons).
 
@@ -71,6 +72,8 @@ def calibrate_image(
     ``photometry_min_snr``, comparing aperture-corrected PSF fluxes with the
     reference fluxes of ``band`` (column chosen by ``filter_map``, Rubin's
     ``{band: 'lsst_{band}_smeared'}`` for ``cal_ref_cat_2_2``).
+    The WCS fit weights each source by its centroid error, added in quadrature to
+    ``centroid_floor_pix``.
     """
     from ..measure.detection import detect_sources
     from ..measure.measurement import measure_sources
@@ -96,6 +99,14 @@ def calibrate_image(
 
     ref_ra, ref_dec, ref_flux, ref_flux_err = reference_catalog_for_band(refcat, band, filter_map)
     index = np.flatnonzero(good)
+    # Weight the WCS fit by the centroid errors: on a detector with few reference stars the
+    # bright ones (centroids good to a few mas) must dominate the faint ones (tens of mas);
+    # a floor keeps any single star from dominating (PSF-model centroid systematics).
+    sigma_pix = None
+    if "centroid_xErr" in catalog.colnames and "centroid_yErr" in catalog.colnames:
+        err = np.hypot(np.asarray(catalog["centroid_xErr"], float), np.asarray(catalog["centroid_yErr"], float))
+        err = np.sqrt(0.5 * err**2 + centroid_floor_pix**2)
+        sigma_pix = np.where(np.isfinite(err), err, np.nanmax(err, initial=1.0))[index]
     wcs, astrometry = fit_wcs(
         np.asarray(catalog["centroid_x"], float)[index],
         np.asarray(catalog["centroid_y"], float)[index],
@@ -107,6 +118,7 @@ def calibrate_image(
         bbox=bbox,
         sip_order=sip_order,
         max_offset_arcsec=max_offset_arcsec,
+        sigma_pix=sigma_pix,
     )
     src_index = index[np.asarray(astrometry["src_index"], int)]
     ref_index = np.asarray(astrometry["ref_index"], int)
