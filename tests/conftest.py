@@ -17,12 +17,23 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 
 
+#: seed of the shared repository (the CLI's default)
+SIM_SEED = 1
+
+
 @pytest.fixture(scope="session")
 def sim_repo(tmp_path_factory) -> Path:
     """The ``test`` preset simulated into a repository (collection 2.2i/defaults/test)."""
+    import dataclasses
+    import json
+
     from diapipe.sim.simulate import simulate_repo
 
-    return build_once(tmp_path_factory, "sim_repo", lambda path: simulate_repo(path, "test", seed=1, jobs=1))
+    def build(path):
+        summary = simulate_repo(path, "test", seed=SIM_SEED, jobs=2, progress=lambda message: None)
+        Path(f"{path}.summary.json").write_text(json.dumps(dataclasses.asdict(summary)))
+
+    return build_once(tmp_path_factory, "sim_repo", build)
 
 
 TEMPLATE_COLLECTION = "u/test/templates"

@@ -8,35 +8,31 @@ simulate their own much smaller preset (`tiny_preset`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from diapipe.sim.presets import get_preset
 
-#: seed of the shared repository (the CLI's default)
-SIM_SEED = 1
+from conftest import SIM_SEED
 
 
 @pytest.fixture(scope="session")
-def sim_repo(tmp_path_factory):
-    """The ``test`` preset simulated into a fresh repository with two worker processes.
-
-    Returns a namespace: ``path``, ``summary`` (`SimulationSummary`), ``preset``,
-    ``butler`` (read-only `Butler`), ``seed``.
-    """
+def sim_repo(sim_repo):
+    """The session's ``test``-preset repository (tests/conftest.py), as a namespace:
+    ``path``, ``summary`` (the `SimulationSummary` fields), ``preset``, ``butler``
+    (read-only `Butler`), ``seed``."""
     from lsst.daf.butler import Butler
 
-    from diapipe.sim.simulate import simulate_repo
-
-    path = os.fspath(tmp_path_factory.mktemp("sim") / "repo")
-    summary = simulate_repo(path, "test", seed=SIM_SEED, jobs=2, progress=lambda message: None)
+    summary = json.loads(Path(f"{sim_repo}.summary.json").read_text())
     return SimpleNamespace(
-        path=path,
-        summary=summary,
+        path=os.fspath(sim_repo),
+        summary=SimpleNamespace(**summary),
         preset=get_preset("test"),
-        butler=Butler.from_config(path),
+        butler=Butler.from_config(os.fspath(sim_repo)),
         seed=SIM_SEED,
     )
 

@@ -582,3 +582,20 @@ def test_failing_worker_rolls_back_and_rerun_completes(tiny_runs, tiny_preset):
     assert (
         len(list(butler.registry.queryDatasets("truth_source", collections=TRUTH_COLLECTION))) == rerun.n_raws
     )
+
+
+def test_refcat_filter_map_matches_calibrate_default(sim_repo):
+    """The repository's filter map (physical filter -> refcat filter) is what calibrate uses by band."""
+    from lsst.daf.butler import Butler
+
+    from diapipe.calibrate.tasks import CalibrateConfig
+    from diapipe.instrument import PHYSICAL_FILTERS
+
+    butler = Butler.from_config(sim_repo.path, collections="2.2i/defaults")
+    stored = butler.get("cal_ref_cat_2_2_filterMap", {})
+    defaults = CalibrateConfig().filterMap
+    assert set(stored) == set(PHYSICAL_FILTERS)
+    for physical_filter, band in PHYSICAL_FILTERS.items():
+        assert stored[physical_filter] == defaults[band]
+    refcat_ref = next(iter(butler.registry.queryDatasets("cal_ref_cat_2_2", collections="refcats")))
+    assert f"{stored['g_sim_1.4']}_flux" in butler.get(refcat_ref).colnames

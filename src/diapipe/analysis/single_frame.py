@@ -384,5 +384,8 @@ def photometry_metrics_for(butler, data_id) -> dict:
     summary = butler.get("truth_summary", vd)
     src = butler.get("src", vd)
     truth = butler.get("truth_source", vd)
-    return photometry_metrics(photo_calib.calibration_mean, summary["calibration_njy_per_e"], src, truth,
-                              shape=(height, width), fwhm_pix=_fwhm_true(summary), xy0=(x0, y0))
+    out = photometry_metrics(photo_calib.calibration_mean, summary["calibration_njy_per_e"], src, truth,
+                             shape=(height, width), fwhm_pix=_fwhm_true(summary), xy0=(x0, y0))
+    # the fit's own 1-sigma error: the offset should be consistent with it
+    out["zp_err_mmag"] = float(2500.0 / np.log(10) * photo_calib.calibration_err / photo_calib.calibration_mean)
+    return out

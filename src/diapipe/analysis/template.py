@@ -62,8 +62,8 @@ def transient_leak_metrics(image, variance, mask, psf, x, y, *, mirror_x=None, m
     }
 
 
-def coadd_metrics(coadd, truth_sky, band: str, *, leak_ids=None, min_snr: float = 50.0,
-                  detection_threshold: float = 5.0, match_radius_pix: float = 2.0) -> dict:
+def coadd_metrics(coadd, truth_sky, band: str, *, leak_ids=None, n_image=None, min_n_image: int = 3,
+                  min_snr: float = 50.0, detection_threshold: float = 5.0, match_radius_pix: float = 2.0) -> dict:
     """Photometry, astrometry, PSF size and transient leakage of one coadd.
 
     Parameters
@@ -76,6 +76,10 @@ def coadd_metrics(coadd, truth_sky, band: str, *, leak_ids=None, min_snr: float 
     leak_ids : array-like, optional
         Transients that were on (flux > 0) in at least one input visit: only those can
         leak. Default: every transient on the coadd.
+    n_image : `numpy.ndarray`, optional
+        Inputs per coadd pixel (goodSeeingCoadd_nImage). Transients where fewer than
+        ``min_n_image`` inputs overlap are counted apart (``transient_low_coverage_*``):
+        with one or two epochs no outlier rejection can tell a transient from a star.
     min_snr : `float`
         S/N cut of the bright stars used for photometry, astrometry and PSF size.
 
@@ -167,8 +171,20 @@ def coadd_metrics(coadd, truth_sky, band: str, *, leak_ids=None, min_snr: float 
             j = by_id[int(h)]
             mirror_x[k] = 2 * tx[j] - tx[trans[k]]
             mirror_y[k] = 2 * ty[j] - ty[trans[k]]
-    leak = transient_leak_metrics(image, variance, mask, psf, tx[trans], ty[trans], mirror_x=mirror_x, mirror_y=mirror_y)
+    deep = np.ones(trans.size, bool)
+    if n_image is not None:
+        ix = np.clip(np.round(tx[trans]).astype(int), 0, nx - 1)
+        iy = np.clip(np.round(ty[trans]).astype(int), 0, ny - 1)
+        deep = np.asarray(n_image)[iy, ix] >= min_n_image
+    leak = transient_leak_metrics(image, variance, mask, psf, tx[trans][deep], ty[trans][deep],
+                                  mirror_x=mirror_x[deep], mirror_y=mirror_y[deep])
     out.update({f"transient_{k}": v for k, v in leak.items() if k != "snr"})
+    out["transient_ids"] = [int(i) for i in truth_sky["id"].to_numpy()[trans][deep]]
+    out["transient_snr"] = leak["snr"]
+    shallow = transient_leak_metrics(image, variance, mask, psf, tx[trans][~deep], ty[trans][~deep],
+                                     mirror_x=mirror_x[~deep], mirror_y=mirror_y[~deep])
+    out["transient_low_coverage_n"] = shallow["n_transients"]
+    out["transient_low_coverage_n_above_3sigma"] = shallow["n_above_3sigma"]
     return out
 
 
@@ -199,7 +215,8 @@ def coadd_metrics_for(butler, *, skymap: str, tract: int, patch: int, band: str,
             truth = butler.get(ref)
             on = (truth["type"] == "transient").to_numpy() & (truth["flux_njy"].to_numpy(float) > 0)
             leak_ids.update(int(i) for i in truth["id"].to_numpy()[on])
-    out = coadd_metrics(coadd, truth_sky, band, leak_ids=sorted(leak_ids))
+    n_image = butler.get(f"{coadd_name}_nImage", skymap=skymap, tract=tract, patch=patch, band=band).image
+    out = coadd_metrics(coadd, truth_sky, band, leak_ids=sorted(leak_ids), n_image=n_image)
     out["n_input_visits"] = len(visits)
     out["n_leak_candidates"] = len(leak_ids)
     return out

@@ -191,7 +191,18 @@ def prepare_dia_sources(
         _LOG.debug("dropping DiaSource columns not in the APDB schema: %s", extra)
     out = out[[c for c in schema if c in out.columns]]
     out["diaSourceId"] = out["diaSourceId"].astype(np.int64)
+    # Round single-precision schema columns now, so the summaries computed from
+    # these values equal those recomputed later from what the APDB returns.
+    for name in _float32_columns("DiaSource"):
+        if name in out.columns:
+            out[name] = out[name].astype(np.float32).astype(np.float64)
     return out
+
+
+def _float32_columns(table: str) -> list[str]:
+    from .summary import _apdb_tables
+
+    return [c["name"] for c in _apdb_tables()[table] if c.get("datatype") == "float"]
 
 
 def forced_source_ids(visit: int, detector: int, n: int) -> np.ndarray:
@@ -390,11 +401,18 @@ def process_detector_visit(
         # detector of the same visit, possible where detectors overlap) would
         # collide on the DiaObject primary key (diaObjectId, validityStartMjdTai):
         # then version this detector's update 1 ms per detector number later.
+        # The same holds for a closed version when visits are processed out of
+        # time order (pipetask -j runs quanta in any order), hence all versions.
         store_time = visit_time
-        if len(matched_ids) and "validityStartMjdTai" in objects.columns:
-            starts = objects.loc[objects["diaObjectId"].isin(matched_ids), "validityStartMjdTai"]
-            if (starts.to_numpy(dtype=float) >= midpoint_mjd_tai).any():
-                store_time = Time(midpoint_mjd_tai + (int(detector) + 1) * 1e-3 / 86400.0, format="mjd", scale="tai")
+        if len(matched_ids):
+            versions = apdb.getDiaObjectsForDedup(since=visit_time)
+            versions = versions[versions["diaObjectId"].isin(matched_ids)]
+            taken = set(versions["validityStartMjdTai"].to_numpy(dtype=float).round(10))
+            step = 1e-3 / 86400.0
+            k = 0
+            while round(float(store_time.tai.mjd), 10) in taken and k < 10000:
+                k += 1
+                store_time = Time(midpoint_mjd_tai + (int(detector) * 1000 + k) * step, format="mjd", scale="tai")
         t2 = _time.perf_counter()
         apdb.store(store_time, updated, sources, forced)
         timings["store_s"] = _time.perf_counter() - t2

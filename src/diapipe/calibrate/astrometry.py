@@ -556,7 +556,9 @@ def fit_wcs(src_x, src_y, src_flux, ref_ra, ref_dec, ref_flux, initial_wcs: WCS,
         so the inverse distortion covers the whole detector.
     sip_order : `int`
         Distortion order; lowered automatically when there are fewer than 3 stars per
-        coefficient (reported as ``stats['sip_order']``).
+        coefficient, and, below 5 stars per coefficient, to the lowest order the
+        data do not reject by the Bayesian information criterion (reported as
+        ``stats['sip_order']``).
     crpix : pair of float, optional
         FITS (1-based) reference pixel of the fitted WCS; default the centre of ``bbox``
         (well-conditioned polynomials; an initial WCS's CRPIX may lie off the detector).
@@ -606,8 +608,12 @@ def fit_wcs(src_x, src_y, src_flux, ref_ra, ref_dec, ref_flux, initial_wcs: WCS,
         order = sip_order
         while order > 1 and len(si) < 3 * 2 * _n_terms(order):
             order -= 1
-        fit = _select_order(src_x[si], src_y[si], ref_ra[ri], ref_dec[ri], crpix=crpix, max_order=order,
-                            bbox=bbox, sigma_pix=None if sig is None else sig[si])
+        if len(si) >= 5 * 2 * _n_terms(order):
+            fit = _fit_tan_sip_detail(src_x[si], src_y[si], ref_ra[ri], ref_dec[ri], crpix=crpix,
+                                      sip_order=order, bbox=bbox, sigma_pix=None if sig is None else sig[si])
+        else:  # few stars per coefficient: keep only the terms the data support
+            fit = _select_order(src_x[si], src_y[si], ref_ra[ri], ref_dec[ri], crpix=crpix, max_order=order,
+                                bbox=bbox, sigma_pix=None if sig is None else sig[si])
         wcs = fit.wcs
         if it == n_iter:
             break

@@ -37,6 +37,7 @@ __all__ = [
     "SimulationError",
     "SimulationSummary",
     "plan_visits",
+    "refcat_filter_map",
     "simulate_repo",
 ]
 
@@ -226,6 +227,7 @@ def _dataset_types(universe):
         dt("flat", ["instrument", "detector", "physical_filter"], "DiapipeExposure", calib=True),
         dt("defects", ["instrument", "detector"], "ArrowAstropy", calib=True),
         dt(REFCAT_NAME, ["htm7"], "ArrowAstropy"),
+        dt(f"{REFCAT_NAME}_filterMap", [], "StructuredDataDict"),
         dt("truth_source", ["instrument", "visit", "detector"], "DataFrame"),
         dt("truth_summary", ["instrument", "visit", "detector"], "StructuredDataDict"),
         dt("truth_psf", ["instrument", "visit", "detector"], "DiapipePsf"),
@@ -384,6 +386,15 @@ def _write_refcat(butler, refcat: pd.DataFrame):
         table = Table.from_pandas(refcat[shard == index].reset_index(drop=True))
         table.meta["REFCAT"] = REFCAT_NAME
         butler.put(table, REFCAT_NAME, {"htm7": int(index)}, run=REFCAT_RUN)
+    butler.put(refcat_filter_map(), f"{REFCAT_NAME}_filterMap", {}, run=REFCAT_RUN)
+
+
+def refcat_filter_map() -> dict[str, str]:
+    """Physical filter -> refcat filter name (flux column ``<name>_flux``), DC2's
+    ``{band}: lsst_{band}_smeared`` map keyed by LSSTCam-imSim physical filter."""
+    from ..instrument import PHYSICAL_FILTERS
+
+    return {physical: f"lsst_{band}_smeared" for physical, band in PHYSICAL_FILTERS.items()}
 
 
 def _chain(butler, name, children):
