@@ -147,7 +147,7 @@ def coadd_metrics(coadd, truth_sky, band: str, *, leak_ids=None, n_image=None, m
     size_ok = np.isfinite(star_fwhm) & (star_fwhm > 0)
 
     out = {
-        "n_detections": int(len(cat)),
+        "n_detections": len(cat),
         "n_stars": int(ratio.size),
         "flux_ratio_median": float(np.median(ratio)) if ratio.size else float("nan"),
         "position_rms_mas": float(np.sqrt(np.mean(dra**2 + ddec**2))) if ratio.size else float("nan"),

@@ -148,8 +148,9 @@ def _set_auth(path: Path, creds: dict[str, str], port: int, drop_port: int | Non
 def _get_password(path: Path, user: str, port: int) -> str:
     from lsst.utils.db_auth import DbAuth
 
+    # read the file ourselves: DbAuth(path) would prefer $LSST_DB_AUTH over ``path``
     try:
-        return DbAuth(str(path), authList=None).getAuth("postgresql", user, HOST, port, "postgres")[1]
+        return DbAuth(authList=_read_auth(path)).getAuth("postgresql", user, HOST, port, "postgres")[1]
     except Exception as err:
         raise PostgresServerError(f"no password for {_auth_url(user, port)} in {path}: {err}") from None
 
@@ -481,9 +482,8 @@ def _init_cluster(root: Path, user: str, auth_file: Path, port: int | None, dura
     _set_auth(auth_file, {"postgres": passwords["postgres"]}, server.port)
     server.save()
     server.start()
-    # the role's password is set from a bound parameter's value in a DO block would still
-    # be logged on error; ALTER ROLE ... PASSWORD with a pre-computed SCRAM verifier keeps
-    # the clear text off the server entirely.
+    # CREATE ROLE ... PASSWORD gets a pre-computed SCRAM verifier, so the clear text never
+    # reaches the server (a failing statement would be written to its log).
     _create_role(server, user, passwords[user])
     _set_auth(auth_file, {"postgres": passwords["postgres"], user: passwords[user]}, server.port)
     return server

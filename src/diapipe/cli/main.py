@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--fresh", action="store_true", help="delete the work directory first instead of resuming")
     p.set_defaults(func=_cmd_demo)
+
+    from ..analysis.metrics import add_metrics_command
+
+    add_metrics_command(sub)
     return parser
 
 

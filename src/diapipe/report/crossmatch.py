@@ -20,6 +20,7 @@ from ..analysis.truth_match import match_sky
 __all__ = [
     "VARIABLE_TYPES",
     "binned_fraction",
+    "fraction_table",
     "match_dia_objects_to_truth",
     "match_dia_sources_to_truth",
     "single_frame_residuals",
@@ -97,33 +98,33 @@ def match_dia_objects_to_truth(dia_objects: pd.DataFrame, truth: pd.DataFrame,
     return out
 
 
-def binned_fraction(values, success, edges) -> pd.DataFrame:
-    """Fraction of ``success`` per bin of ``values`` with a binomial (Wilson) 68 % interval.
+def fraction_table(lo, hi, n, k) -> pd.DataFrame:
+    """Per bin [lo, hi): ``n`` trials, ``k`` successes -> ``fraction`` with a binomial
+    (Wilson, 68 %) interval ``err_lo``/``err_hi`` (NaN for empty bins); also ``centre``."""
+    lo, hi = np.asarray(lo, float), np.asarray(hi, float)
+    n, k = np.asarray(n, int), np.asarray(k, int)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = np.where(n > 0, k / np.maximum(n, 1), np.nan)
+        denom = 1 + 1 / n
+        centre = (p + 1 / (2 * n)) / denom
+        half = np.sqrt(p * (1 - p) / n + 1 / (4 * n**2)) / denom
+    err_lo = np.where(n > 0, p - np.maximum(centre - half, 0.0), np.nan)
+    err_hi = np.where(n > 0, np.minimum(centre + half, 1.0) - p, np.nan)
+    return pd.DataFrame({"lo": lo, "hi": hi, "centre": 0.5 * (lo + hi), "n": n, "k": k, "fraction": p,
+                         "err_lo": err_lo, "err_hi": err_hi})
 
-    Returns one row per bin: ``lo``, ``hi``, ``centre``, ``n``, ``k``, ``fraction``,
-    ``err_lo``, ``err_hi`` (NaN fraction for empty bins).
-    """
+
+def binned_fraction(values, success, edges) -> pd.DataFrame:
+    """Fraction of ``success`` per bin of ``values`` (`fraction_table` of the counts)."""
     values = np.asarray(values, float)
     success = np.asarray(success, bool)
     edges = np.asarray(edges, float)
     which = np.digitize(values, edges) - 1
-    rows = []
-    z = 1.0
-    for b in range(len(edges) - 1):
-        sel = which == b
-        n = int(sel.sum())
-        k = int(success[sel].sum())
-        if n:
-            p = k / n
-            denom = 1 + z**2 / n
-            centre = (p + z**2 / (2 * n)) / denom
-            half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom
-            lo, hi = max(centre - half, 0.0), min(centre + half, 1.0)
-        else:
-            p, lo, hi = np.nan, np.nan, np.nan
-        rows.append({"lo": edges[b], "hi": edges[b + 1], "centre": 0.5 * (edges[b] + edges[b + 1]), "n": n, "k": k,
-                     "fraction": p, "err_lo": p - lo if n else np.nan, "err_hi": hi - p if n else np.nan})
-    return pd.DataFrame(rows)
+    nbins = len(edges) - 1
+    inside = (which >= 0) & (which < nbins)
+    n = np.bincount(which[inside], minlength=nbins)
+    k = np.bincount(which[inside], weights=success[inside].astype(float), minlength=nbins).astype(int)
+    return fraction_table(edges[:-1], edges[1:], n, k)
 
 
 def single_frame_residuals(src, truth: pd.DataFrame, *, min_snr: float = 10.0, radius_pix: float = 2.0,

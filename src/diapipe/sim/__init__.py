@@ -1,64 +1,48 @@
 """DC2-like simulator: sky catalogue, observing conditions, rendering, truth (detector effects in signature)."""
 
-from .observing import (
-    BAND_PARAMS,
-    Visit,
-    fwhm_eff_arcsec,
-    fwhm_geom_arcsec,
-    m5_point_source,
-    make_visits,
-    njy_to_electrons,
-    psf_ellipticity_at,
-    psf_fwhm_at,
-    sky_e_per_px,
-    visits_table,
-)
-from .render import (
-    DetectorPsfModel,
-    RenderedDetector,
-    affine_pix_to_fp,
-    draw_point_source,
-    psf_for_detector,
-    render_detector,
-)
-from .sky import (
-    BANDS,
-    SkyCatalog,
-    flux_njy,
-    mag_to_njy,
-    make_sky_catalog,
-    make_sky_catalog_cone,
-    njy_to_mag,
-    reference_catalog,
-)
-from .truth import object_truth_table, visit_truth
+from __future__ import annotations
 
-__all__ = [
-    "BANDS",
-    "BAND_PARAMS",
-    "DetectorPsfModel",
-    "RenderedDetector",
-    "SkyCatalog",
-    "Visit",
-    "affine_pix_to_fp",
-    "draw_point_source",
-    "flux_njy",
-    "fwhm_eff_arcsec",
-    "fwhm_geom_arcsec",
-    "m5_point_source",
-    "mag_to_njy",
-    "make_sky_catalog",
-    "make_sky_catalog_cone",
-    "make_visits",
-    "njy_to_electrons",
-    "njy_to_mag",
-    "object_truth_table",
-    "psf_ellipticity_at",
-    "psf_for_detector",
-    "psf_fwhm_at",
-    "reference_catalog",
-    "render_detector",
-    "sky_e_per_px",
-    "visit_truth",
-    "visits_table",
-]
+import importlib
+
+# Lazy: `diapipe` commands import diapipe.sim.presets for their options; the
+# renderer and its dependencies load only when simulating.
+_LAZY = {
+    "BANDS": "sky",
+    "BAND_PARAMS": "observing",
+    "DetectorPsfModel": "render",
+    "RenderedDetector": "render",
+    "SkyCatalog": "sky",
+    "Visit": "observing",
+    "affine_pix_to_fp": "render",
+    "draw_point_source": "render",
+    "flux_njy": "sky",
+    "fwhm_eff_arcsec": "observing",
+    "fwhm_geom_arcsec": "observing",
+    "m5_point_source": "observing",
+    "mag_to_njy": "sky",
+    "make_sky_catalog": "sky",
+    "make_sky_catalog_cone": "sky",
+    "make_visits": "observing",
+    "njy_to_electrons": "observing",
+    "njy_to_mag": "sky",
+    "object_truth_table": "truth",
+    "psf_ellipticity_at": "observing",
+    "psf_for_detector": "render",
+    "psf_fwhm_at": "observing",
+    "reference_catalog": "sky",
+    "render_detector": "render",
+    "sky_e_per_px": "observing",
+    "visit_truth": "truth",
+    "visits_table": "observing",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    try:
+        module = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'diapipe.sim' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
