@@ -60,12 +60,28 @@ class Step:
     undo_paths: list[str] = field(default_factory=list)
     #: show the full output (short queries) rather than a progress line
     show_output: bool = False
+    #: earlier steps to redo too when this one was interrupted (e.g. the APDB it filled)
+    redo_with: list[str] = field(default_factory=list)
     #: write stdout to this file (e.g. `dot -Tpng > x.png`)
     stdout_path: str | None = None
 
     def shell(self) -> str:
-        text = " ".join(shlex.quote(a) for a in self.argv)
-        return f"{text} > {shlex.quote(os.path.basename(self.stdout_path))}" if self.stdout_path else text
+        """The command as a user types it (programs by name, the guide's quoting)."""
+        words = [os.path.basename(self.argv[0])] + [_display_quote(a) for a in self.argv[1:]]
+        text = " ".join(words)
+        from .pipelines import ap_pipe_dir
+
+        text = text.replace(ap_pipe_dir(), "$AP_PIPE_DIR")
+        return f"{text} > {shlex.quote(self.stdout_path)}" if self.stdout_path else text
+
+
+def _display_quote(arg: str) -> str:
+    # the guide writes -d "skymap='DC2' AND band='g'": double quotes around single ones
+    if arg and not any(c in arg for c in " '\"$`\\*?()<>|;&"):
+        return arg
+    if '"' not in arg and "$" not in arg and "`" not in arg and "\\" not in arg:
+        return f'"{arg}"'
+    return shlex.quote(arg)
 
 
 def _bin(name: str) -> str:
@@ -109,10 +125,53 @@ def demo_steps(workdir: str, preset: str, seed: int, jobs: int, pipetask_jobs: i
               "-o", TEMPLATE_OUTPUT, "-p", os.path.join(pipelines, "ApTemplate.yaml"), "--register-dataset-types"],
              undo_collections=[TEMPLATE_OUTPUT])
     )
+    apdb_dir = os.path.join(workdir, "apdb")
+    db_path = os.path.join(apdb_dir, "run1.db")
+    my_pipeline = os.path.join(workdir, "My-DC2-ApPipe.yaml")
+    steps += [
+        Step("make an empty APDB",
+             [_bin("make_apdb.py"), "-c", "isolation_level=READ_UNCOMMITTED", "-c", f"db_url=sqlite:///{db_path}"],
+             undo_paths=[apdb_dir]),
+        Step("draw My-DC2-ApPipe.yaml", [_bin("pipetask"), "build", "-p", my_pipeline,
+                                        "--pipeline-dot", os.path.join(workdir, "My-DC2-ApPipe.dot")]),
+    ]
+    if _available("dot"):
+        steps.append(Step("render it", ["dot", os.path.join(workdir, "My-DC2-ApPipe.dot"), "-Tpng"],
+                          stdout_path=os.path.join(workdir, "My-DC2-ApPipe.png")))
+    steps += [
+        Step("difference imaging and association (My-DC2-ApPipe.yaml)",
+             [_bin("pipetask"), "run", "-j", str(pipetask_jobs), "-b", repo, "-d", "skymap='DC2' AND band='g'",
+              "-i", f"{TEMPLATE_OUTPUT},{collection}", "-o", APPIPE_OUTPUT, "-p", my_pipeline,
+              "--register-dataset-types"],
+             undo_collections=[APPIPE_OUTPUT], redo_with=["make an empty APDB"]),
+        Step("see the DIA source tables",
+             [_bin("butler"), "query-data-ids", repo, "visit", "detector", f"--collections={APPIPE_OUTPUT}",
+              "--where", "skymap='DC2' AND band='g' AND instrument='LSSTCam-imSim'",
+              "--datasets", "goodSeeingDiff_diaSrcTable"],
+             show_output=True),
+        Step("measure against truth (diapipe metrics)",
+             [_bin("diapipe"), "metrics", repo, "-c", APPIPE_OUTPUT, "-c", TEMPLATE_OUTPUT,
+              "--json", os.path.join(workdir, "metrics.json")],
+             show_output=True),
+    ]
     return steps
 
 
 # ---------------------------------------------------------------------------
+def _write_user_pipeline(workdir, say) -> str:
+    """The guide's My-DC2-ApPipe.yaml, pointing at the demo's APDB."""
+    path = os.path.join(workdir, "My-DC2-ApPipe.yaml")
+    db_url = f"sqlite:///{os.path.join(workdir, 'apdb', 'run1.db')}"
+    text = MY_APPIPE_TEMPLATE.format(db_url=db_url)
+    if not os.path.exists(path) or open(path).read() != text:
+        with open(path, "w") as stream:
+            stream.write(text)
+        say(f"Wrote {path} (the guide's user pipeline, importing ApPipe.yaml and setting the APDB):")
+        for line in text.splitlines():
+            say("  | " + line)
+    return path
+
+
 def _load_state(workdir):
     path = os.path.join(workdir, STATE_FILE)
     if not os.path.exists(path):
@@ -228,11 +287,19 @@ def run_demo(workdir: str = "demo_work", preset: str = "ci_imsim", *, seed: int 
     else:
         say(f"diapipe demo: the guide end to end, preset {preset}, in {workdir}")
     repo = os.path.join(workdir, "repo")
+    _write_user_pipeline(workdir, say)
+    by_name = {step.name: step for step in steps}
+    running = state.get("running")
+    if running in by_name:
+        # an interrupted step is redone from scratch, with the earlier steps it filled
+        for name in by_name[running].redo_with:
+            if name in state["completed"]:
+                state["completed"].remove(name)
+                _undo(by_name[name], repo, say)
+        _undo(by_name[running], repo, say)
     for index, step in enumerate(steps, start=1):
         if step.name in state["completed"]:
             continue
-        if state.get("running") == step.name:
-            _undo(step, repo, say)
         state["running"] = step.name
         _save_state(workdir, state)
         log_path = os.path.join(workdir, "logs", f"{index:02d}-{re.sub(r'[^a-z0-9]+', '-', step.name.lower()).strip('-')}.log")
