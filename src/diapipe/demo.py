@@ -62,6 +62,8 @@ class Step:
     show_output: bool = False
     #: earlier steps to redo too when this one was interrupted (e.g. the APDB it filled)
     redo_with: list[str] = field(default_factory=list)
+    #: folders the command expects to exist (as the guide's user has a working directory)
+    make_dirs: list[str] = field(default_factory=list)
     #: write stdout to this file (e.g. `dot -Tpng > x.png`)
     stdout_path: str | None = None
 
@@ -131,7 +133,7 @@ def demo_steps(workdir: str, preset: str, seed: int, jobs: int, pipetask_jobs: i
     steps += [
         Step("make an empty APDB",
              [_bin("make_apdb.py"), "-c", "isolation_level=READ_UNCOMMITTED", "-c", f"db_url=sqlite:///{db_path}"],
-             undo_paths=[apdb_dir]),
+             undo_paths=[apdb_dir], make_dirs=[apdb_dir]),
         Step("draw My-DC2-ApPipe.yaml", [_bin("pipetask"), "build", "-p", my_pipeline,
                                         "--pipeline-dot", os.path.join(workdir, "My-DC2-ApPipe.dot")]),
     ]
@@ -153,6 +155,10 @@ def demo_steps(workdir: str, preset: str, seed: int, jobs: int, pipetask_jobs: i
              [_bin("diapipe"), "metrics", repo, "-c", APPIPE_OUTPUT, "-c", TEMPLATE_OUTPUT,
               "--json", os.path.join(workdir, "metrics.json")],
              show_output=True),
+        Step("write the report (diapipe report)",
+             [_bin("diapipe"), "report", repo, "-c", APPIPE_OUTPUT, "-c", TEMPLATE_OUTPUT, "--apdb", db_path,
+              "--metrics", os.path.join(workdir, "metrics.json"), "-o", os.path.join(workdir, "report")],
+             undo_paths=[os.path.join(workdir, "report")], show_output=True),
     ]
     return steps
 
@@ -303,6 +309,8 @@ def run_demo(workdir: str = "demo_work", preset: str = "ci_imsim", *, seed: int 
         state["running"] = step.name
         _save_state(workdir, state)
         log_path = os.path.join(workdir, "logs", f"{index:02d}-{re.sub(r'[^a-z0-9]+', '-', step.name.lower()).strip('-')}.log")
+        for folder in step.make_dirs:
+            os.makedirs(folder, exist_ok=True)
         _run_step(index, len(steps), step, log_path, env, say, started)
         state["completed"].append(step.name)
         state.pop("running", None)

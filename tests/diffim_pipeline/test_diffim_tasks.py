@@ -43,9 +43,10 @@ def test_dia_source_table_matches_apdb_schema(butler, a_visit):
     assert np.all(visit == a_visit) and np.all(detector == DETECTOR) and np.all(counter >= 1)
     assert set(table.band) == {"g"}
     assert (table.psfNdata > 0).all() and (table.bboxSize > 0).all()
-    # calibrated: nJy fluxes of order the detection limit, sky positions near the tract centre
-    assert np.nanmedian(np.abs(table.psfFlux / table.psfFluxErr)) > 5.0
-    assert np.nanmedian(table.psfFluxErr) == pytest.approx(100.0, rel=0.5)
+    # calibrated: detections at >= 5 sigma; sky-limited PSF-flux errors ~90 nJy on this preset
+    # (sources on bright-star residuals have far larger errors); positions near the tract centre
+    assert (table.snr >= 5.0).all()
+    assert np.nanpercentile(table.psfFluxErr, 10) == pytest.approx(90.0, rel=0.3)
     assert np.all(np.abs(table.dec + 36.4) < 0.3)
 
 

@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     from ..analysis.metrics import add_metrics_command
 
     add_metrics_command(sub)
+
+    from ..report import add_report_command
+
+    add_report_command(sub)
     return parser
 
 

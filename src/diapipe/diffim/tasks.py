@@ -92,6 +92,7 @@ class RetrieveTemplateConfig(pipeBase.PipelineTaskConfig, pipelineConnections=Re
         default=0.1,
         min=0.0,
         max=1.0,
+        inclusiveMax=True,
         doc="Smallest fraction of the detector the template must cover; below it the quantum is "
         "skipped with NoWorkFound (ip_diffim default 0.1; set it to 0 to force a subtraction).",
     )

@@ -79,8 +79,8 @@ def make_report(repo, *, collections, apdb=None, metrics_json=None, outdir="repo
         built.append(step())
     index = render_page(outdir, built, title="diapipe Alert Production report",
                         subtitle_lines=[f"Repository {inputs.repo} · collections {', '.join(inputs.collections)}",
-                                        f"APDB {inputs.apdb.path if inputs.apdb else '(none)'} · metrics "
-                                        f"{metrics_json or '(none)'}"])
+                                        (f"APDB {inputs.apdb.path if inputs.apdb else '(none)'} · metrics "
+                                         f"{metrics_json or '(none)'}")])
     say(f"report written to {index} in {time.monotonic() - start:.0f} s")
     return index
 

@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 
 __all__ = [
-    "ReportInputs",
     "ApdbTables",
+    "ReportInputs",
     "apdb_sqlite_path",
     "find_pipeline_graphs",
     "load_apdb",

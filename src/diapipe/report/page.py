@@ -4,11 +4,12 @@ file with a small stylesheet beside it (no JavaScript, no external resources).""
 from __future__ import annotations
 
 import html
+import math
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
-__all__ = ["Figure", "Section", "Table", "render_page", "STYLESHEET"]
+__all__ = ["STYLESHEET", "Figure", "Section", "Table", "render_page"]
 
 STYLESHEET = """\
 body { font-family: "DejaVu Sans", Helvetica, Arial, sans-serif; margin: 0; color: #1d1d1d;
@@ -79,7 +80,7 @@ def _cell(value, tag="td") -> str:
     if isinstance(value, bool) or value is None:
         return f"<{tag}>{html.escape(str(value))}</{tag}>"
     if isinstance(value, (int, float)):
-        text = f"{value:,}" if isinstance(value, int) else (f"{value:.4g}" if value == value else "–")
+        text = f"{value:,}" if isinstance(value, int) else (f"{value:.4g}" if math.isfinite(value) else "–")
         return f'<{tag} class="num">{text}</{tag}>'
     return f"<{tag}>{value}</{tag}>"  # already HTML (callers escape text)
 
@@ -126,7 +127,7 @@ def render_page(outdir, sections: list[Section], *, title: str, subtitle_lines=(
     """Write ``index.html`` and ``style.css`` into ``outdir``; returns the index path."""
     outdir = Path(outdir)
     (outdir / "style.css").write_text(STYLESHEET)
-    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     nav = " ".join(f'<a href="#{html.escape(s.key)}">{html.escape(s.title)}</a>' for s in sections)
     parts = [
         "<!DOCTYPE html>",

@@ -7,9 +7,12 @@ the caller's business (the report shows a note instead of calling them).
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 __all__ = [
     "plot_astrometry",
@@ -72,9 +75,22 @@ def plot_sky(ra, dec, n_sources, path, *, truth_ra=None, truth_dec=None, footpri
     return _save(fig, path)
 
 
+def _seasons(mjds, gap_days: float = 30.0):
+    """(start, end) MJD of the groups of ``mjds`` separated by more than ``gap_days``."""
+    mjds = np.sort(np.asarray([m for m in mjds if np.isfinite(m)], float))
+    if mjds.size == 0:
+        return [(0.0, 1.0)]
+    cuts = np.flatnonzero(np.diff(mjds) > gap_days)
+    starts = np.r_[mjds[0], mjds[cuts + 1]]
+    ends = np.r_[mjds[cuts], mjds[-1]]
+    return list(zip(starts, ends, strict=True))
+
+
 def plot_light_curves(curves, path, *, band="g"):
     """One panel per DiaObject: DiaSource psfFlux ± psfFluxErr against midpointMjdTai and
-    the truth difference flux at every visit of the truth object.
+    the truth difference flux at every visit of the truth object. Observing seasons more
+    than 30 days apart get their own broken-axis segment, so that visits a few days
+    apart stay readable.
 
     ``curves``: list of dicts with ``title``, ``mjd``, ``flux``, ``flux_err`` (DiaSources,
     nJy) and ``truth_mjd``, ``truth_flux`` (nJy; may be empty).
@@ -82,22 +98,42 @@ def plot_light_curves(curves, path, *, band="g"):
     n = len(curves)
     ncol = 2 if n > 1 else 1
     nrow = int(np.ceil(n / ncol))
-    fig = _figure(5.2 * ncol, 2.9 * nrow)
+    seasons = _seasons(np.concatenate([np.r_[c["mjd"], c["truth_mjd"]] for c in curves]))
+    pad = [max(0.08 * (b - a), 1.0) for a, b in seasons]
+    widths = [b - a + 2 * p for (a, b), p in zip(seasons, pad, strict=True)]
+    widths = [max(w, 0.35 * max(widths)) for w in widths]
+    fig = _figure(5.4 * ncol, 3.0 * nrow)
+    outer = fig.add_gridspec(nrow, ncol)
     for k, curve in enumerate(curves):
-        ax = fig.add_subplot(nrow, ncol, k + 1)
-        if len(curve["truth_mjd"]):
-            order = np.argsort(curve["truth_mjd"])
-            ax.plot(np.asarray(curve["truth_mjd"])[order], np.asarray(curve["truth_flux"])[order], "-s",
-                    color=TRUTH_COLOUR, ms=4, lw=1.2, mfc="none", label="truth diff_flux_njy")
-        ax.errorbar(curve["mjd"], curve["flux"], yerr=curve["flux_err"], fmt="o", color=DATA_COLOUR, ms=4,
-                    capsize=2, lw=1, label="DiaSource psfFlux")
-        ax.axhline(0.0, color="0.6", lw=0.7)
-        ax.set_title(curve["title"], fontsize=9)
-        ax.set_xlabel("MJD (TAI)")
-        ax.set_ylabel(f"{band} difference flux (nJy)")
-        ax.grid(alpha=0.3)
+        inner = outer[k // ncol, k % ncol].subgridspec(1, len(seasons), width_ratios=widths, wspace=0.06)
+        axes = []
+        for j, ((a, b), p) in enumerate(zip(seasons, pad, strict=True)):
+            ax = fig.add_subplot(inner[0, j], sharey=axes[0] if axes else None)
+            axes.append(ax)
+            tm = np.asarray(curve["truth_mjd"], float)
+            if tm.size:
+                order = np.argsort(tm)
+                ax.plot(tm[order], np.asarray(curve["truth_flux"], float)[order], "-s", color=TRUTH_COLOUR, ms=4,
+                        lw=1.2, mfc="none", label="truth diff_flux_njy")
+            ax.errorbar(curve["mjd"], curve["flux"], yerr=curve["flux_err"], fmt="o", color=DATA_COLOUR, ms=4,
+                        capsize=2, lw=1, label="DiaSource psfFlux ± 1σ")
+            ax.axhline(0.0, color="0.6", lw=0.7)
+            ax.set_xlim(a - p, b + p)
+            ax.grid(alpha=0.3)
+            ax.tick_params(axis="x", labelsize=7, labelrotation=30)
+            ax.ticklabel_format(axis="x", useOffset=False, style="plain")
+            if j > 0:
+                ax.spines["left"].set_visible(False)
+                ax.tick_params(axis="y", left=False, labelleft=False)
+            if j < len(seasons) - 1:
+                ax.spines["right"].set_visible(False)
+        axes[0].set_ylabel(f"{band} difference flux (nJy)", fontsize=8)
+        axes[0].set_title(curve["title"], fontsize=8.5, loc="left")
+        axes[0].set_xlabel("MJD (TAI)" + (", axis broken between seasons" if len(seasons) > 1 else ""), fontsize=8,
+                           loc="left")
         if k == 0:
-            ax.legend(fontsize=8, loc="best")
+            handles, labels = axes[0].get_legend_handles_labels()
+            fig.legend(handles, labels, loc="outside upper center", ncols=2, fontsize=8)
     return _save(fig, path)
 
 
@@ -113,43 +149,55 @@ def _stretch(image, symmetric=False):
     return float(lo), float(hi if hi > lo else lo + 1.0)
 
 
+def _cutout_panel(ax, image, key):
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if image is None:
+        ax.text(0.5, 0.5, f"no {key}\nimage", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+        ax.set_facecolor("#eeeeee")
+        return
+    vmin, vmax = _stretch(image, symmetric=key == "difference")
+    cmap = "RdBu_r" if key == "difference" else "gray"
+    ax.imshow(image, origin="lower", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    half = image.shape[0] // 2
+    for dx, dy in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        ax.plot([half + dx * 3, half + dx * 6], [half + dy * 3, half + dy * 6], color="#ffcc00", lw=1.2)
+    ax.set_xlim(-0.5, image.shape[1] - 0.5)
+    ax.set_ylim(-0.5, image.shape[0] - 0.5)
+
+
 def plot_cutouts(rows, path, *, pixel_scale_arcsec=0.2):
-    """Template, science and difference cut-outs, one row per DiaSource.
+    """Template, science and difference cut-outs, one triplet per DiaSource: those matching
+    truth in the left block, spurious ones in the right block.
 
     ``rows``: list of dicts with ``template``, ``science``, ``difference`` (2-d arrays in
     nJy per pixel, NaN = no data, or None when the image is missing), ``label`` and
-    ``real`` (bool, sets the label colour).
+    ``real`` (bool).
     """
-    nrow = len(rows)
-    fig = _figure(6.6, 2.25 * nrow + 0.3)
-    grid = fig.add_gridspec(nrow, 3)
-    titles = ("template", "science", "difference")
-    for r, row in enumerate(rows):
-        for c, key in enumerate(("template", "science", "difference")):
-            ax = fig.add_subplot(grid[r, c])
-            ax.set_xticks([])
-            ax.set_yticks([])
-            image = row[key]
-            if image is None:
-                ax.text(0.5, 0.5, f"no {key}\nimage", ha="center", va="center", transform=ax.transAxes, fontsize=8)
-                ax.set_facecolor("#eeeeee")
-            else:
-                vmin, vmax = _stretch(image, symmetric=key == "difference")
-                cmap = "RdBu_r" if key == "difference" else "gray"
-                ax.imshow(image, origin="lower", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
-                half = image.shape[0] // 2
-                for dx, dy in ((-1, 0), (1, 0), (0, -1), (0, 1)):
-                    ax.plot([half + dx * 3, half + dx * 6], [half + dy * 3, half + dy * 6], color="#ffcc00", lw=1.2)
-                ax.set_xlim(-0.5, image.shape[1] - 0.5)
-                ax.set_ylim(-0.5, image.shape[0] - 0.5)
-            if r == 0:
-                ax.set_title(titles[c], fontsize=10)
-            if c == 0:
-                ax.set_ylabel(row["label"], fontsize=7.5, color=REAL_COLOUR if row["real"] else SPURIOUS_COLOUR)
-    size = rows[0]["science"].shape[0] if rows and rows[0]["science"] is not None else 0
-    if size:
-        fig.suptitle(f"{size} × {size} px cut-outs ({size * pixel_scale_arcsec:.1f}″ square), "
-                     "centred on the DiaSource", fontsize=9)
+    blocks = [[r for r in rows if r["real"]], [r for r in rows if not r["real"]]]
+    blocks = [b for b in blocks if b]
+    nrow = max(len(b) for b in blocks)
+    ncol = 4 * len(blocks) - 1
+    ratios = ([1, 1, 1, 0.18] * len(blocks))[:ncol]
+    fig = _figure(3.9 * len(blocks) + 0.6, 1.45 * nrow + 0.7)
+    grid = fig.add_gridspec(nrow, ncol, width_ratios=ratios)
+    keys = ("template", "science", "difference")
+    for b, block in enumerate(blocks):
+        for r, row in enumerate(block):
+            for c, key in enumerate(keys):
+                ax = fig.add_subplot(grid[r, 4 * b + c])
+                _cutout_panel(ax, row[key], key)
+                if r == 0:
+                    head = ("matching truth" if row["real"] else "spurious") + "\n" if c == 1 else "\n"
+                    ax.set_title(head + key, fontsize=9,
+                                 color=(REAL_COLOUR if row["real"] else SPURIOUS_COLOUR) if c == 1 else "black")
+                if c == 0:
+                    ax.set_ylabel(row["label"], fontsize=7, color=REAL_COLOUR if row["real"] else SPURIOUS_COLOUR)
+    first = next((r["science"] for r in rows if r["science"] is not None), None)
+    if first is not None:
+        size = first.shape[0]
+        fig.suptitle(f"{size} × {size} px cut-outs ({size * pixel_scale_arcsec:.1f}″ square) centred on each "
+                     "DiaSource (yellow ticks)", fontsize=9)
     return _save(fig, path)
 
 
@@ -198,6 +246,9 @@ def plot_completeness(vs_snr, vs_mag, path, *, spurious_snr=None, real_snr=None,
         ax.hist(np.clip(spurious_snr, edges[0], None), bins=edges, histtype="stepfilled", alpha=0.45,
                 color=SPURIOUS_COLOUR, label=f"spurious ({len(spurious_snr)})")
         ax.set_xscale("log")
+        ticks = [t for t in (3, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000) if edges[0] <= t <= edges[-1]]
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("DiaSource |S/N|")
         ax.set_ylabel("DiaSources per bin")
         title = "DiaSources: real vs spurious"
@@ -216,7 +267,7 @@ def _running_median(x, y, nbins=8):
         return np.array([]), np.array([])
     edges = np.unique(np.quantile(x[ok], np.linspace(0, 1, nbins + 1)))
     centres, medians = [], []
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+    for lo, hi in itertools.pairwise(edges):
         sel = ok & (x >= lo) & (x <= hi)
         if sel.sum() >= 3:
             centres.append(np.median(x[sel]))
@@ -224,18 +275,24 @@ def _running_median(x, y, nbins=8):
     return np.asarray(centres), np.asarray(medians)
 
 
-def plot_astrometry(dra_mas, ddec_mas, mag, path):
-    """Calexp source positions minus truth (mas): the 2-d scatter with its RMS circle, and
-    the residual against magnitude."""
+def plot_astrometry(dra_mas, ddec_mas, mag, path, *, snr=None, bright_snr=50.0):
+    """Calexp source positions minus truth (mas): the 2-d scatter with the circle holding
+    68 % of the bright stars (S/N > ``bright_snr``, where centroid noise is small; robust to
+    blended outliers), and the residual against magnitude."""
     dra, ddec, mag = (np.asarray(a, float) for a in (dra_mas, ddec_mas, mag))
+    snr = np.full(dra.size, np.inf) if snr is None else np.asarray(snr, float)
+    bright = snr > bright_snr
     sep = np.hypot(dra, ddec)
-    rms = float(np.sqrt(np.nanmean(sep**2)))
+    r68 = float(np.nanpercentile(sep[bright], 68.27)) if bright.any() else float("nan")
     fig = _figure(10.0, 4.2)
     ax = fig.add_subplot(1, 2, 1)
-    ax.scatter(dra, ddec, s=6, alpha=0.5, color=DATA_COLOUR)
-    circle = np.linspace(0, 2 * np.pi, 200)
-    ax.plot(rms * np.cos(circle), rms * np.sin(circle), color=TRUTH_COLOUR, lw=1.5, label=f"RMS {rms:.1f} mas")
-    lim = float(np.nanpercentile(sep, 99)) * 1.2 if sep.size else 1.0
+    ax.scatter(dra[~bright], ddec[~bright], s=6, alpha=0.5, color="0.6", label=f"S/N ≤ {bright_snr:g}")
+    ax.scatter(dra[bright], ddec[bright], s=8, alpha=0.7, color=DATA_COLOUR, label=f"S/N > {bright_snr:g}")
+    if np.isfinite(r68):
+        circle = np.linspace(0, 2 * np.pi, 200)
+        ax.plot(r68 * np.cos(circle), r68 * np.sin(circle), color=TRUTH_COLOUR, lw=1.5,
+                label=f"68 % of S/N > {bright_snr:g} within {r68:.1f} mas")
+    lim = float(np.nanpercentile(sep, 95)) * 1.3 if sep.size else 1.0
     ax.set_xlim(-lim, lim)
     ax.set_ylim(-lim, lim)
     ax.set_aspect("equal")
@@ -244,7 +301,7 @@ def plot_astrometry(dra_mas, ddec_mas, mag, path):
     ax.set_xlabel("ΔRA cos δ (mas)")
     ax.set_ylabel("ΔDec (mas)")
     ax.set_title(f"src − truth position, {dra.size} stars", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper right")
     ax.grid(alpha=0.3)
     ax = fig.add_subplot(1, 2, 2)
     ax.scatter(mag, sep, s=6, alpha=0.5, color=DATA_COLOUR)
@@ -253,7 +310,7 @@ def plot_astrometry(dra_mas, ddec_mas, mag, path):
         ax.plot(xc, yc, "-o", color=TRUTH_COLOUR, ms=4, label="running median")
         ax.legend(fontsize=8)
     ax.set_yscale("log")
-    ax.set_xlabel("truth g magnitude (AB)")
+    ax.set_xlabel("truth magnitude (AB)")
     ax.set_ylabel("|position residual| (mas)")
     ax.set_title("position residual vs magnitude", fontsize=10)
     ax.grid(alpha=0.3, which="both")
@@ -273,7 +330,7 @@ def plot_photometry(mag, flux_ratio, path):
     bright = mag <= np.nanpercentile(mag, 25) if mag.size else np.zeros(0, bool)
     med = float(np.nanmedian(ratio[bright])) if bright.any() else float("nan")
     ax.set_ylim(0.8, 1.2)
-    ax.set_xlabel("truth g magnitude (AB)")
+    ax.set_xlabel("truth magnitude (AB)")
     ax.set_ylabel("psfFlux_nJy / true flux")
     ax.set_title(f"calexp PSF photometry vs truth (brightest quarter: median ratio {med:.4f})", fontsize=10)
     ax.legend(fontsize=8)

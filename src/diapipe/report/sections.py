@@ -15,7 +15,6 @@ from .crossmatch import (
     binned_fraction,
     fraction_table,
     match_dia_objects_to_truth,
-    match_dia_sources_to_truth,
     single_frame_residuals,
     truth_variables,
 )
@@ -74,7 +73,7 @@ def overview_section(inputs, matched) -> Section:
         s.tiles.append((int((~sources["real"]).sum()), "spurious DiaSources"))
         if len(variables):
             s.tiles.append((f"{100 * variables['detected'].mean():.0f} %",
-                            f"of {len(variables)} truth variable detections found"))
+                            f"of {len(variables)} (visit, truth variable) pairs detected"))
     if inputs.apdb is not None:
         s.tiles.append((len(inputs.apdb.dia_objects), "DiaObjects in the APDB"))
     if inputs.metrics and inputs.metrics.get("bounds"):
@@ -171,8 +170,13 @@ def light_curve_section(inputs, outdir: Path, *, band: str = "g", n_objects: int
         s.notes.append(f"no DiaSource rows in {inputs.apdb.path}")
         return s
     ranked = objects.assign(_abs=objects[column].abs()).sort_values("_abs", ascending=False)
-    multi = ranked[ranked["nDiaSources"] >= 2]
-    chosen = pd.concat([multi, ranked.drop(multi.index)]).head(n_objects)
+    err_column = column + "Err"
+    significant = ranked["nDiaSources"] >= 2
+    if err_column in ranked:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            significant &= (ranked["_abs"] / ranked[err_column]).to_numpy() >= 5.0
+    first = ranked[significant]
+    chosen = pd.concat([first, ranked.drop(first.index)]).head(n_objects)
     truth_ids = match_dia_objects_to_truth(chosen, inputs.truth) if inputs.truth is not None else None
     curves = []
     n_matched = 0
@@ -191,7 +195,8 @@ def light_curve_section(inputs, outdir: Path, *, band: str = "g", n_objects: int
                        "flux": rows["psfFlux"].to_numpy(float), "flux_err": rows["psfFluxErr"].to_numpy(float),
                        "truth_mjd": tmjd, "truth_flux": tflux})
     plots.plot_light_curves(curves, outdir / "light_curves.png", band=band)
-    s.intro = (f"The {len(curves)} DiaObjects with the largest |{column}| (those with ≥ 2 DiaSources first): "
+    s.intro = (f"The {len(curves)} DiaObjects with the largest |{column}| (first those with ≥ 2 DiaSources and "
+               "a mean flux of at least 5σ): "
                "DiaSource PSF fluxes on the difference images (points, 1σ errors) against the simulator's "
                "difference flux (truth flux − template flux) at every visit of the matched truth object (squares).")
     if inputs.truth is None:
@@ -231,8 +236,7 @@ def cutout_section(inputs, outdir: Path, matched, *, n_each: int = 4, half: int 
         images = {key: read_cutout(inputs.butler, name, visit, detector, x, y, half) if name not in absent else None
                   for key, name in (("template", "goodSeeingDiff_templateExp"), ("science", "calexp"),
                                     ("difference", "goodSeeingDiff_differenceExp"))}
-        kind = "real" if src["real"] else "spurious"
-        label = f"{kind}\nvisit {visit}\nS/N {src['_snr']:.1f}"
+        label = f"visit {visit}\nS/N {src['_snr']:.1f}"
         if src["real"]:
             label += f"\ntruth {src['truth_diff_flux_njy']:+.0f} nJy"
         rows.append({**images, "label": label, "real": bool(src["real"])})
@@ -240,12 +244,12 @@ def cutout_section(inputs, outdir: Path, matched, *, n_each: int = 4, half: int 
         return s
     plots.plot_cutouts(rows, outdir / "cutouts.png")
     n_real = sum(r["real"] for r in rows)
-    s.intro = (f"{n_real} DiaSources matching a truth variable (green labels) and {len(rows) - n_real} spurious "
-               "ones (magenta), spread over the S/N range. Template and science are in nJy per pixel with a "
+    s.intro = (f"{n_real} DiaSources matching a truth variable within 0.5″ (left) and {len(rows) - n_real} "
+               "spurious ones (right), spread over the S/N range from the highest down. Template and science are in nJy per pixel with a "
                "1–99.7 % stretch each; the difference uses a symmetric colour scale (red positive, blue negative).")
     s.figures.append(_figure(outdir, "cutouts.png",
                              f"Grid of {len(rows)} rows of three image cut-outs (template, science, difference) "
-                             "centred on DiaSources, real ones first, then spurious ones"))
+                             "centred on DiaSources: truth-matched ones on the left, spurious ones on the right"))
     return s
 
 
@@ -290,7 +294,8 @@ def completeness_section(inputs, outdir: Path, matched, *, say=print) -> Section
                 f"{inputs.dia_src_origin} matched to truth"
             mags = 31.4 - 2.5 * np.log10(np.abs(variables["diff_flux_njy"].to_numpy(float)))
             lo, hi = np.floor(np.nanmin(mags)) if len(mags) else 18, np.ceil(np.nanmax(mags)) if len(mags) else 26
-            vs_mag = binned_fraction(mags, variables["detected"], np.arange(lo, hi + 0.5, 0.5))
+            step = 0.5 if hi - lo <= 8 else 1.0
+            vs_mag = binned_fraction(mags, variables["detected"], np.arange(lo, hi + step, step))
             if truth_snr is not None:
                 finite = np.isfinite(truth_snr) & (truth_snr > 0)
                 edges = np.geomspace(1.0, max(np.nanmax(truth_snr[finite]) * 1.01, 30.0), 13) if finite.any() else None
@@ -369,13 +374,16 @@ def single_frame_section(inputs, outdir: Path, *, max_calexps: int = 40) -> Sect
         s.notes.append("no src source matched a truth star (S/N > 10, unflagged, within 2 px)")
         return s
     used = len(inputs.visits[::step])
-    plots.plot_astrometry(res["dra_mas"], res["ddec_mas"], res["truth_mag"], outdir / "astrometry.png")
+    plots.plot_astrometry(res["dra_mas"], res["ddec_mas"], res["truth_mag"], outdir / "astrometry.png",
+                          snr=res["snr"])
     plots.plot_photometry(res["truth_mag"], res["flux_ratio"], outdir / "photometry.png")
-    rms = float(np.sqrt(np.mean(res["dra_mas"] ** 2 + res["ddec_mas"] ** 2)))
+    bright = res[res["snr"] > 50]
+    sep = np.hypot(bright["dra_mas"], bright["ddec_mas"])
+    r68 = float(np.percentile(sep, 68.27)) if len(bright) else float("nan")
     s.intro = (f"Calexp <code>src</code> measurements (S/N &gt; 10, unflagged) of constant truth stars on {used} "
                "calexps, matched within 2 px: sky position from the fitted WCS minus the true position, and "
                "calibrated PSF flux over the true flux.")
-    s.tiles.extend([(len(res), "matched stars"), (f"{rms:.1f} mas", "position RMS (all S/N)"),
+    s.tiles.extend([(len(res), "matched stars"), (f"{r68:.1f} mas", "68 % radius of position residuals, S/N > 50"),
                     (f"{np.median(res['flux_ratio']):.4f}", "median psfFlux / true flux")])
     summary = (inputs.metrics or {}).get("summary") or {}
     for key, what in (("astrometry_rms_mas_median", "WCS vs true WCS, median over calexps (mas)"),
@@ -384,7 +392,8 @@ def single_frame_section(inputs, outdir: Path, *, max_calexps: int = 40) -> Sect
             s.tiles.append((f"{summary[key]:.2f}", what))
     s.figures.append(_figure(outdir, "astrometry.png",
                              f"Position residuals of {len(res)} stars in milliarcseconds: RA against Dec scatter "
-                             f"with an RMS circle of {rms:.1f} mas, and residual against magnitude"))
+                             f"with the circle holding 68 % of the stars above S/N 50 ({r68:.1f} mas), and residual against "
+                             "magnitude"))
     s.figures.append(_figure(outdir, "photometry.png",
                              f"Ratio of measured PSF flux to true flux for {len(res)} stars against true magnitude, "
                              "with a running median near 1"))
