@@ -95,8 +95,8 @@ def pack_dia_source_id(visit: int, detector: int, counter) -> np.ndarray:
     """``(visit << 28) | (detector << 20) | counter`` (see the module docstring).
 
     >>> int(pack_dia_source_id(960220, 33, 5)[0])
-    257764045160453
-    >>> unpack_dia_source_id(257764045160453)
+    257757128163333
+    >>> unpack_dia_source_id(257757128163333)
     (960220, 33, 5)
     """
     counter = np.atleast_1d(np.asarray(counter, np.int64))

@@ -59,7 +59,7 @@ class Condor(SiteConfig):
         provider = CondorProvider(
             nodes_per_block=get_bps_config_value(self.site, "nodes", int, 1),
             cores_per_slot=cores,
-            mem_per_slot=get_bps_config_value(self.site, "mem_per_node", float, None),
+            mem_per_slot=_optional_float(get_bps_config_value(self.site, "mem_per_node", (int, float), None)),
             init_blocks=get_bps_config_value(self.site, "init_blocks", int, 1),
             min_blocks=0,
             max_blocks=get_bps_config_value(self.site, "max_blocks", int, 1),
@@ -78,3 +78,7 @@ class Condor(SiteConfig):
 
     def select_executor(self, job: ParslJob) -> str:
         return "htcondor"
+
+
+def _optional_float(value):
+    return None if value is None else float(value)
