@@ -123,7 +123,8 @@ def demo_steps(workdir: str, preset: str, seed: int, jobs: int, pipetask_jobs: i
     steps.append(
         Step("build templates (ApTemplate.yaml)",
              [_bin("pipetask"), "run", "-j", str(pipetask_jobs), "-b", repo, "-d",
-              f"skymap='DC2' AND tract={tract} AND {patch_clause} AND band='g'", "-i", "2.2i/defaults",
+              f"skymap='DC2' AND tract={tract} AND {patch_clause} AND band='g' "
+              f"AND day_obs < {get_preset(preset).template_season_day_obs}", "-i", "2.2i/defaults",
               "-o", TEMPLATE_OUTPUT, "-p", os.path.join(pipelines, "ApTemplate.yaml"), "--register-dataset-types"],
              undo_collections=[TEMPLATE_OUTPUT])
     )

@@ -348,7 +348,8 @@ class AssembleCoaddTask(pipeBase.PipelineTask):
             xy0=(x0, y0),
         )
         self.metadata["n_inputs"] = len(warps)
-        self.metadata["visits"] = [int(w.visit_info.visit) for w in warps if w.visit_info is not None]
+        visits = [int(w.visit_info.visit) for w in warps if w.visit_info is not None]
+        self.metadata["visits"] = visits
         wcs = warps[0].wcs
         exposure = Exposure(
             image=coadd,
@@ -357,7 +358,7 @@ class AssembleCoaddTask(pipeBase.PipelineTask):
             wcs=wcs,
             psf=psf,
             photo_calib=PhotoCalib(1.0),
-            metadata={"COADD_VISITS": self.metadata["visits"], "N_INPUTS": len(warps)},
+            metadata={"COADD_VISITS": visits, "N_INPUTS": len(warps)},
             xy0=(x0, y0),
         )
         n_image_exposure = Exposure(image=n_image.astype(np.float32), wcs=wcs, xy0=(x0, y0))

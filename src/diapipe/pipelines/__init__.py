@@ -31,16 +31,18 @@ def pipeline_path(name: str) -> str:
 def run_pipeline(repo, pipeline: str, *, inputs, output: str, where: str = "", config_overrides=None):
     """Build and run a pipeline in this process; returns the executed quanta.
 
-    ``pipeline`` is a file path or the name of one of ours (``ApTemplate.yaml``).
+    ``pipeline`` is a file path or the name of one of ours (``ApTemplate.yaml``),
+    optionally with a ``#label,...`` or ``#subset`` suffix as pipetask accepts.
     ``config_overrides`` maps ``label`` to ``{field: value}``.
     """
     from lsst.pipe.base import Pipeline
     from lsst.pipe.base.simple_pipeline_executor import SimplePipelineExecutor
 
     os.environ.setdefault("AP_PIPE_DIR", ap_pipe_dir())
-    path = pipeline if os.path.exists(pipeline) else pipeline_path(pipeline)
+    location, _, labels = pipeline.partition("#")
+    path = location if os.path.exists(location) else pipeline_path(location)
     butler = SimplePipelineExecutor.prep_butler(str(repo), inputs=list(inputs), output=output)
-    pipe = Pipeline.from_uri(path)
+    pipe = Pipeline.from_uri(f"{path}#{labels}" if labels else path)
     for label, fields in (config_overrides or {}).items():
         for field, value in fields.items():
             pipe.addConfigOverride(label, field, value)

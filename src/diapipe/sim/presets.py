@@ -59,6 +59,14 @@ class Preset:
     def n_visits_per_band(self) -> int:
         return self.n_template_visits + self.n_science_visits
 
+    @property
+    def template_season_day_obs(self) -> int:
+        """First ``day_obs`` of the science season: ``day_obs < this`` selects the
+        template-epoch visits (templates are built from earlier data, as in Rubin's AP)."""
+        from astropy.time import Time
+
+        return int(Time(self.science_start_mjd - 1.0, format="mjd", scale="tai").utc.strftime("%Y%m%d"))
+
 
 PRESETS: dict[str, Preset] = {
     "ci_imsim": Preset(
