@@ -21,15 +21,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TEMPLATE_COLLECTION
+from conftest import TEMPLATE_COLLECTION, TEMPLATE_WHERE
 
 BPS_DIR = Path(__file__).resolve().parents[2] / "src" / "diapipe" / "ap_pipe" / "bps"
 INPUT = "2.2i/defaults/test"
-TEMPLATE_WHERE = "instrument='LSSTCam-imSim' AND skymap='DC2' AND tract=3828 AND patch=24 AND band='g'"
 
 
-def bps_env() -> dict[str, str]:
-    """What ``eval "$(diapipe env)"`` exports, for the bps subprocess and its jobs."""
+def bps_env(workdir: Path | None = None) -> dict[str, str]:
+    """What ``eval "$(diapipe env)"`` exports, for the bps subprocess and its jobs.
+
+    ``PWD`` follows ``workdir``: bps puts its submit folder at ``${PWD}/submit``.
+    """
     from diapipe.pipelines import ap_pipe_dir
 
     env = dict(os.environ)
@@ -42,6 +44,8 @@ def bps_env() -> dict[str, str]:
         OMP_NUM_THREADS="1",
         OPENBLAS_NUM_THREADS="1",
     )
+    if workdir is not None:
+        env["PWD"] = str(workdir)
     return env
 
 
@@ -49,7 +53,7 @@ def bps_submit(config: Path, workdir: Path, *args: str, timeout: float = 1500) -
     """Run ``bps submit`` in ``workdir`` (its submit/ folder lands there); fail with the log tail."""
     workdir.mkdir(parents=True, exist_ok=True)
     argv = [os.path.join(sys.prefix, "bin", "bps"), "submit", *args, str(config)]
-    result = subprocess.run(argv, cwd=workdir, env=bps_env(), capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(argv, cwd=workdir, env=bps_env(workdir), capture_output=True, text=True, timeout=timeout)
     (workdir / "bps-submit.log").write_text(result.stdout + result.stderr)
     if result.returncode != 0 or "Run Name:" not in result.stdout + result.stderr:
         pytest.fail(f"{shlex.join(argv)} failed ({result.returncode}):\n{(result.stdout + result.stderr)[-4000:]}")
@@ -69,7 +73,7 @@ def test_bps_aptemplate_matches_in_process_run(template_repo, tmp_path):
     bps_submit(
         BPS_DIR / "ApTemplate-DC2-bps.yaml",
         tmp_path,
-        "-b", str(template_repo), "-i", INPUT, "-o", output, "-d", TEMPLATE_WHERE,
+        "-b", str(template_repo), "-i", INPUT, "-o", output, "-d", f"instrument='LSSTCam-imSim' AND {TEMPLATE_WHERE}",
     )  # fmt: skip
     assert not _failed_jobs(tmp_path)
     butler = Butler.from_config(str(template_repo))

@@ -31,10 +31,16 @@ Steps (`assemble_coadd`):
    :math:`C = \\sum w_i I_i / \\sum w_i`, variance
    :math:`\\sum w_i^2 V_i / (\\sum w_i)^2`; ``n_image`` counts the inputs used;
    pixels with none are NO_DATA (image NaN, variance +inf).
-5. **Mask**: OR of the masks of the inputs used at the pixel; a rejected plane
-   (SAT, BAD) is also set when inputs carrying it hold more than
-   ``mask_propagation_threshold`` of the weight at the pixel (Rubin's
-   maskPropagationThresholds); CLIPPED where any input was clipped.
+5. **Mask**: a plane is set where the inputs carrying it hold more than its
+   threshold of the weight at the pixel (Rubin's maskPropagationThresholds):
+   ``mask_propagation_thresholds`` for the rejected planes (default SAT 0.1,
+   BAD and CR 0.5), ``mask_propagation_threshold`` (0.5) of the used weight for
+   the others. A plain OR of the input masks would turn every input's bad
+   columns and cosmic rays, warped, into diagonal bands over the template that
+   spread into every difference image and flag DiaSources, although the coadd
+   pixels there are fine (the other inputs cover them). CR pixels of an input
+   are left out of the mean (interpolated values do not enter the template).
+   CLIPPED where any input was clipped.
 6. **PSF**: the weight-averaged input PSFs (Rubin's CoaddPsf idea) as a
    `PixelPsf`: with constant inputs, the weighted mean kernel (weights times
    each input's usable-area fraction); otherwise fit over the patch on a grid,
@@ -48,12 +54,14 @@ import warnings
 import numpy as np
 from scipy import ndimage
 
-from diapipe.exposure.masks import MASK_DTYPE, bit, bits
+from diapipe.exposure.masks import MASK_DTYPE, MASK_PLANES, bit, bits
 from diapipe.exposure.psf import PixelPsf, polynomial_terms
 
 __all__ = ["assemble_coadd", "find_artifacts", "input_weights", "coadd_psf", "max_artifact_epochs"]
 
-DEFAULT_BAD_PLANES = ("NO_DATA", "BAD", "SAT", "CLIPPED")
+DEFAULT_BAD_PLANES = ("NO_DATA", "BAD", "SAT", "CR", "CLIPPED")
+#: Weight fraction above which a rejected plane is set in the coadd (Rubin: SAT 0.1).
+DEFAULT_MASK_PROPAGATION_THRESHOLDS = {"SAT": 0.1, "BAD": 0.5, "CR": 0.5}
 
 
 def _usable(image, variance, mask, bad_planes) -> np.ndarray:
@@ -275,7 +283,8 @@ def assemble_coadd(
     rejection: str = "compare_warp",
     nsigma: float = 5.0,
     bad_mask_planes=DEFAULT_BAD_PLANES,
-    mask_propagation_threshold: float = 0.1,
+    mask_propagation_threshold: float = 0.5,
+    mask_propagation_thresholds: dict | None = None,
     xy0=(0, 0),
     psf_order: int | None = None,
     artifact_kwargs: dict | None = None,
@@ -299,7 +308,12 @@ def assemble_coadd(
     bad_mask_planes : sequence of `str`
         Planes that exclude an input pixel.
     mask_propagation_threshold : `float`
-        Weight fraction above which a rejected plane is set in the coadd mask.
+        Fraction of the used weight above which a (not rejected) plane of the inputs
+        is set in the coadd mask.
+    mask_propagation_thresholds : `dict`, optional
+        Plane name -> fraction of the covering weight above which a rejected plane is
+        set (default `DEFAULT_MASK_PROPAGATION_THRESHOLDS`; rejected planes not listed
+        are not propagated).
     xy0 : `tuple`
         Parent coordinate of pixel [0, 0] (for the PSF's bounding box).
     psf_order : `int`, optional
@@ -359,7 +373,11 @@ def assemble_coadd(
     n_image = np.zeros(shape, np.int32)
     out_mask = np.zeros(shape, MASK_DTYPE)
     covered_w = np.zeros(shape)
-    rejected_w = {name: np.zeros(shape) for name in bad_mask_planes if name not in ("NO_DATA", "CLIPPED")}
+    thresholds = DEFAULT_MASK_PROPAGATION_THRESHOLDS if mask_propagation_thresholds is None else mask_propagation_thresholds
+    rejected_w = {name: np.zeros(shape) for name in bad_mask_planes
+                  if name not in ("NO_DATA", "CLIPPED") and name in thresholds}
+    other_planes = [name for name in MASK_PLANES if name not in bad_mask_planes and name != "CLIPPED"]
+    plane_w = {}
     any_clip = np.zeros(shape, bool)
     used = []
     for i in range(n):
@@ -372,7 +390,10 @@ def assemble_coadd(
         sum_wi += np.where(use, w * np.where(use, im, 0.0), 0.0)
         sum_w2v += np.where(use, w * w * np.where(use, var, 0.0), 0.0)
         n_image += use
-        out_mask |= np.where(use, m, 0).astype(MASK_DTYPE)
+        for name in other_planes:
+            has = use & ((m & bit(name)) != 0)
+            if has.any():
+                plane_w.setdefault(name, np.zeros(shape))[has] += w
         has_data = np.isfinite(im) & ((m & bit("NO_DATA")) == 0)
         covered_w += np.where(has_data, w, 0.0)
         for name, acc in rejected_w.items():
@@ -383,6 +404,9 @@ def assemble_coadd(
         variance = np.where(n_image > 0, sum_w2v / sum_w**2, np.inf).astype(np.float32)
         for name, acc in rejected_w.items():
             frac = np.where(covered_w > 0, acc / covered_w, 0.0)
+            out_mask[frac > thresholds[name]] |= MASK_DTYPE(bit(name))
+        for name, acc in plane_w.items():
+            frac = np.where(sum_w > 0, acc / sum_w, 0.0)
             out_mask[frac > mask_propagation_threshold] |= MASK_DTYPE(bit(name))
     out_mask[any_clip] |= MASK_DTYPE(bit("CLIPPED"))
     out_mask[n_image == 0] |= MASK_DTYPE(bit("NO_DATA"))

@@ -178,6 +178,7 @@ def select_kernel_sources(
     max_sources: int = 1000,
     min_sources: int = 3,
     bad_planes=STAMP_BAD_PLANES,
+    mask_half_size: int | None = None,
 ) -> np.ndarray:
     """Indices of rows of ``sources`` usable as kernel stamps.
 
@@ -193,6 +194,11 @@ def select_kernel_sources(
         the stamp must be inside the image and free of ``bad_planes``.
     isolation_radius_pix : `float`, optional
         No other source (of any brightness) closer than this; default ``half_size``.
+    mask_half_size : `int`, optional
+        Half-size of the box around the source that must be free of ``bad_planes``;
+        default ``half_size``. A smaller box keeps stamps whose outskirts touch a
+        masked pixel when the fit gives such pixels zero weight
+        (`fit_psf_matching_kernel`'s ``source_bad``/``target_bad``).
 
     Returns
     -------
@@ -230,7 +236,8 @@ def select_kernel_sources(
         # A stamp is bad if any bad pixel lies within half_size: box-filter the bad map once.
         from scipy.ndimage import maximum_filter
 
-        near_bad = maximum_filter(bad.astype(np.uint8), size=2 * half_size + 1, mode="constant")
+        half_mask = half_size if mask_half_size is None else int(mask_half_size)
+        near_bad = maximum_filter(bad.astype(np.uint8), size=2 * half_mask + 1, mode="constant")
         candidates = np.flatnonzero(ok)
         ok[candidates] &= near_bad[yi[candidates], xi[candidates]] == 0
     indices = np.flatnonzero(ok)
@@ -355,6 +362,8 @@ def fit_psf_matching_kernel(
     max_median_chi2: float = 4.0,
     min_stamps: int = 3,
     expected_kernel_sq_sum: float | None = None,
+    source_bad: np.ndarray | None = None,
+    target_bad: np.ndarray | None = None,
 ) -> KernelFitResult:
     """Fit the matching kernel ``source * kernel + bg ≈ target`` on stamps at (x, y).
 
@@ -394,6 +403,10 @@ def fit_psf_matching_kernel(
     expected_kernel_sq_sum : `float`, optional
         Initial guess of ``sum(kernel²)`` for the stamp noise model
         ``var = target_var + source_var * sum(kernel²)``; default from the middle basis width.
+    source_bad, target_bad : `numpy.ndarray` of bool, optional
+        Unusable pixels of the two images. A fitted pixel gets zero weight when it is
+        bad in the target or when the kernel footprint around it touches a bad source
+        pixel, so a stamp survives a masked pixel in its outskirts.
 
     Returns
     -------
@@ -459,6 +472,15 @@ def fit_psf_matching_kernel(
             source_variance, xi[sl], yi[sl], half_fit
         )
         w = 1.0 / np.maximum(var, 1e-300)
+        if target_bad is not None:
+            w[_cutouts(target_bad, xi[sl], yi[sl], half_fit)] = 0.0
+        if source_bad is not None:
+            sbad = _cutouts(source_bad, xi[sl], yi[sl], half_src)
+            if sbad.any():
+                from scipy.ndimage import maximum_filter
+
+                grown = maximum_filter(sbad.view(np.uint8), size=(1, size, size), mode="constant")
+                w[grown[:, half_k : half_k + 2 * half_fit + 1, half_k : half_k + 2 * half_fit + 1] != 0] = 0.0
         if neighbour_tree is not None:
             # zero the weight of pixels near other catalogue sources (a variable or a
             # transient in a stamp corner would otherwise bend the kernel)

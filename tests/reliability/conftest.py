@@ -1,0 +1,57 @@
+"""Fixtures of the reliability (fault-injection) suite.
+
+Everything runs on the session's shared test-preset repository: ``sim_repo`` →
+``template_repo`` (ApTemplate, ``u/test/templates``) → ``diffim_repo``
+(ApPipe.yaml#diffim on every g visit, ``u/test/diffim``). The last is built
+under the same `build_once` name and with the same run as
+tests/diffim_pipeline/conftest.py, so a full test session builds it once for
+both suites. Each test writes only to its own new collections (and its own
+tmp APDB), never changes an existing one.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from postgres_fixtures import postgres_server  # noqa: F401  (session fixture, reused)
+from testing_helpers import build_once
+
+from _reliability import DIFFIM_COLLECTION, run_subset  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def diffim_repo(template_repo, tmp_path_factory) -> Path:
+    """``template_repo`` after ApPipe.yaml#diffim on every g visit (collection ``u/test/diffim``)."""
+
+    def build(marker):
+        # identical to tests/diffim_pipeline/conftest.py (shared build_once name)
+        run_subset(
+            template_repo,
+            "ApPipe.yaml#diffim",
+            inputs=["u/test/templates", "2.2i/defaults/test"],
+            output=DIFFIM_COLLECTION,
+            where="skymap='DC2' AND band='g'",
+        )
+
+    build_once(tmp_path_factory, "diffim_run", build)
+    return template_repo
+
+
+@pytest.fixture(scope="session")
+def science_visits(diffim_repo) -> list[int]:
+    """The test preset's science visits (the latest ``n_science_visits`` visits)."""
+    from lsst.daf.butler import Butler
+
+    from diapipe.sim.presets import get_preset
+
+    butler = Butler.from_config(str(diffim_repo))
+    refs = butler.query_datasets("goodSeeingDiff_diaSrcTable", collections=DIFFIM_COLLECTION)
+    visits = sorted({int(ref.dataId["visit"]) for ref in refs})
+    n = get_preset("test").n_science_visits
+    assert len(visits) >= n
+    return visits[-n:]
