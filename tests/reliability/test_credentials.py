@@ -58,14 +58,16 @@ def test_password_not_in_outputs_with_server(diffim_repo, science_visits, postgr
     metadata, config, marker, alert or file of the output run."""
     from lsst.daf.butler import Butler
 
-    from diapipe.apdb import create_apdb
+    from lsst.dax.apdb import ApdbSql
+
     from diapipe.apdb.postgres_server import _get_password
 
     password = _get_password(Path(os.environ["LSST_DB_AUTH"]), postgres_server.user, postgres_server.port)
     assert len(password) >= 8
     postgres_server.create_database("reliability_cred", exist_ok=True)
     url = postgres_server.url("reliability_cred")
-    create_apdb(url, drop=True)
+    # dax_apdb directly: diapipe's create_apdb pre-connects without db-auth (see docs/reliability.md)
+    ApdbSql.init_database(url, drop=True)
     output = unique("pw_server")
     with caplog.at_level(logging.DEBUG):
         run_subset(diffim_repo, "ApPipe.yaml#diaPipe", inputs=[DIFFIM_COLLECTION], output=output,

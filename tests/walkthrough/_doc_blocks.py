@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DOC", "Block", "DocFormatError", "parse_blocks", "runnable_blocks", "bash_script"]
+__all__ = ["DOC", "Block", "DocFormatError", "bash_script", "parse_blocks", "runnable_blocks"]
 
 #: the doc under test
 DOC = Path(__file__).resolve().parents[2] / "docs" / "walkthrough.md"
@@ -83,10 +83,13 @@ def parse_blocks(text: str) -> list[Block]:
             skip = _SKIP.match(previous)
             reason = skip.group(1).strip() if skip else ""
             if not reason:
-                raise DocFormatError(f"line {start + 1}: a skipped block must say why: "
-                                     "<!-- not run in tests: REASON -->")
+                raise DocFormatError(
+                    f"line {start + 1}: a skipped block must say why: <!-- not run in tests: REASON -->"
+                )
             if language not in RUN_LANGUAGES:
-                raise DocFormatError(f"line {start + 1}: only bash/python blocks can be skipped, not {language!r}")
+                raise DocFormatError(
+                    f"line {start + 1}: only bash/python blocks can be skipped, not {language!r}"
+                )
         blocks.append(Block(language, "\n".join(body), start + 1, reason))
         previous = ""
         index += 1
@@ -106,7 +109,7 @@ def bash_script(text: str, preamble: str = "") -> str:
     """
     parts = [
         "set -euo pipefail",
-        'trap \'echo "WALKTHROUGH FAILED at doc line $WALKTHROUGH_LINE: $BASH_COMMAND (exit $?)" >&2\' ERR',
+        "trap 'echo \"WALKTHROUGH FAILED at doc line $WALKTHROUGH_LINE: $BASH_COMMAND (exit $?)\" >&2' ERR",
         preamble,
     ]
     for block in runnable_blocks(text):

@@ -25,7 +25,7 @@ def test_notebook_parameters_are_the_walkthroughs():
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(notebook)
     values = {}
-    exec(_parameters_cell(notebook).source, {}, values)
+    exec(_parameters_cell(notebook).source, {}, values)  # noqa: S102  (the notebook's own parameter literals)
     assert values == {
         "repo": "repo", "collections": "u/me/appipe", "instrument": "LSSTCam-imSim", "skymap": "DC2",
         "apdb_path": "run1.db", "visit": 1547505, "detector": 94, "plot_path": "diaObjects_sky.png",
@@ -33,7 +33,7 @@ def test_notebook_parameters_are_the_walkthroughs():
     code = "\n".join(cell.source for cell in notebook.cells if cell.cell_type == "code")
     # today's APDB names, not the guide's
     assert '"validityEndMjdTai" is NULL' in code and '"g_psfFluxMean"' in code
-    assert "decl" not in code and "validityEnd\"" not in code and "gPSFluxMean" not in code
+    assert "decl" not in code and 'validityEnd"' not in code and "gPSFluxMean" not in code
     # no outputs saved in the file: it shows what it computes when it is run
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")
 
@@ -51,7 +51,9 @@ def test_notebook_runs_on_the_walkthroughs_repository(walkthrough_run, tmp_path)
         f"\napdb_path = {str(walkthrough_run.work / 'run1.db')!r}"
         f"\nplot_path = {str(plot)!r}"
     )
-    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
 
     outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs]
     assert not [out for out in outputs if out.output_type == "error"]

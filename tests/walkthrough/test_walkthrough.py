@@ -4,11 +4,10 @@ products the doc promises are there."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import sqlite3
-
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -71,7 +70,7 @@ def test_script_stops_at_the_first_failing_command(tmp_path):
 
     doc = "```bash\ntrue\nfalse\necho after\n```\n"
     (tmp_path / "s.sh").write_text(blocks.bash_script(doc))
-    result = subprocess.run(["bash", "s.sh"], cwd=tmp_path, capture_output=True, text=True)
+    result = subprocess.run(["bash", "s.sh"], cwd=tmp_path, capture_output=True, text=True, check=False)
     assert result.returncode != 0
     assert "after" not in result.stdout
     assert "WALKTHROUGH FAILED at doc line 1: false" in result.stderr
@@ -89,7 +88,7 @@ def test_doc_pipeline_file_is_the_demos():
     from diapipe.demo import MY_APPIPE_TEMPLATE
 
     text = DOC.read_text()
-    body = re.search(r"cat > My-DC2-ApPipe.yaml <<EOF\n(.*?)\nEOF\n", text, re.S).group(1) + "\n"
+    body = re.search(r"cat > My-DC2-ApPipe.yaml <<EOF\n(.*?)\nEOF\n", text, re.DOTALL).group(1) + "\n"
     written = body.replace("\\$", "$").replace("$PWD", "/work")
     assert written == MY_APPIPE_TEMPLATE.format(db_url="sqlite:////work/run1.db")
 

@@ -30,7 +30,6 @@ import dataclasses
 
 import numpy as np
 from astropy.wcs import WCS, Sip
-from scipy import special, stats
 from scipy.spatial import cKDTree
 
 __all__ = [
@@ -206,6 +205,8 @@ def _offset_vote(sx, sy, rx, ry, bbox, max_offset_pix, max_rotation_deg, bin_pix
     n_cells = (n_bins - 1) ** 2
     background = n_pairs / max(n_cells, 1)
     n_trials = n_cells * len(rotations)
+    from scipy import stats  # lazy: scipy.stats costs ~0.5 s of import for every task module
+
     p_chance = float(min(1.0, n_trials * stats.poisson.sf(votes - 1, max(background, 1e-3))))
     return rot, shift, int(votes), p_chance
 
@@ -366,6 +367,8 @@ def _fit_tan_sip_detail(x, y, ra, dec, *, crpix=None, crval=None, sip_order=3, i
     exps = [(d - q, q) for d in range(sip_order + 1) for q in range(d + 1)]
     design = np.column_stack([(u / su) ** p * (v / sv) ** q for p, q in exps])
     used = np.isfinite(u) & np.isfinite(v) & np.isfinite(ra) & np.isfinite(dec)
+    from scipy import special
+
     clip_radius = np.sqrt(-2 * np.log(special.erfc(n_sigma / np.sqrt(2))))
     for _ in range(max_clip_iter + 1):
         if used.sum() < 2 * len(exps):
