@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,7 +39,9 @@ def score(diff, bad, pair, method, seconds, extra=None):
     tx, ty, tf = pair["truth_x"], pair["truth_y"], pair["truth_diff_njy"]
     psf = pair["sci_psf"].astype(float)
     neff = 1.0 / float(np.sum((psf / psf.sum()) ** 2))
-    snr = np.abs(tf) / (rms * np.sqrt(neff))
+    # truth selection independent of the method: the expected noise of a difference of the pair
+    noise = float(np.sqrt(np.median((pair["sci_var"] + pair["tmpl_var"])[~bad])))
+    snr = np.abs(tf) / (noise * np.sqrt(neff))
     inside = (tx > 10) & (ty > 10) & (tx < d.shape[1] - 10) & (ty < d.shape[0] - 10)
     sel = inside & (snr >= 10)
     from scipy.spatial import cKDTree
@@ -107,6 +110,8 @@ def main():
     pair = dict(np.load(Path(a.pair) / "pair.npz"))
     work = Path(tempfile.mkdtemp(prefix=f"peer_{a.method}_"))
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    # sfft calls `sex`/`source-extractor` from PATH; setup.sh links it into the venv's bin
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     if a.method == "diapipe":
         score(pair["diff"], pair["bad"], pair, "diapipe", float("nan"),
               {"note": "time: the chain's subtractImages run() (see chain section)"})

@@ -25,7 +25,7 @@ fi
 "$VENV/bin/pip" install -q --no-build-isolation "tinynpydb==0.1.2"
 "$VENV/bin/pip" install -q --no-deps "properimage==0.7.2"
 # properimage's runtime dependencies (not pulled in with --no-deps)
-"$VENV/bin/pip" install -q astroalign matplotlib joblib
+"$VENV/bin/pip" install -q astroalign matplotlib joblib attrs
 "$VENV/bin/pip" install -q astroscrappy pyfftw 2>/dev/null || true
 [ -e "$VENV/bin/sex" ] || ln -sf "$(command -v source-extractor || command -v sex)" "$VENV/bin/sex"
 "$VENV/bin/python" -c "import sfft, properimage; print('peers ok: sfft', getattr(sfft,'__version__','?'), 'properimage', properimage.__version__)"

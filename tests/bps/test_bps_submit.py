@@ -60,9 +60,14 @@ def bps_submit(config: Path, workdir: Path, *args: str, timeout: float = 1500) -
     return result
 
 
-def _failed_jobs(workdir: Path) -> list[str]:
+def _failed_jobs(workdir: Path) -> dict[str, int]:
+    """Parsl's end-of-run tally of jobs that failed (or never ran because a dependency failed)."""
+    import re
+
     text = (workdir / "bps-submit.log").read_text()
-    return [line for line in text.splitlines() if "failed" in line and "parsl.dataflow" in line and "Task" in line]
+    tally = dict(re.findall(r"Tasks in state States\.(\w+): (\d+)", text))
+    assert "exec_done" in tally, "no Parsl task tally in the bps log"
+    return {state: int(n) for state, n in tally.items() if state in ("failed", "dep_fail") and int(n)}
 
 
 @pytest.mark.slow

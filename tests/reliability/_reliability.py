@@ -17,19 +17,19 @@ import numpy as np
 import pandas as pd
 
 __all__ = [
+    "APDB_OPTIONS",
+    "DEFAULTS",
     "DIFFIM_COLLECTION",
     "TEMPLATE_COLLECTION",
-    "DEFAULTS",
-    "APDB_OPTIONS",
-    "unique",
-    "pipeline_uri",
-    "run_subset",
-    "pipetask_inprocess",
-    "pipetask_command",
-    "run_and_kill",
-    "read_apdb",
-    "assert_same_apdb",
     "assert_apdb_consistent",
+    "assert_same_apdb",
+    "pipeline_uri",
+    "pipetask_command",
+    "pipetask_inprocess",
+    "read_apdb",
+    "run_and_kill",
+    "run_subset",
+    "unique",
 ]
 
 DIFFIM_COLLECTION = "u/test/diffim"
@@ -142,7 +142,7 @@ def run_pipetask(args: list[str], log: Path, timeout_s: float = 600.0) -> int:
     """``pipetask ARGS`` as a process (for -j 2); output to ``log``; returns the exit code."""
     ap_pipe_dir()
     with open(log, "w") as stream:
-        return subprocess.run(pipetask_command(args), stdout=stream, stderr=subprocess.STDOUT, timeout=timeout_s).returncode
+        return subprocess.run(pipetask_command(args), stdout=stream, stderr=subprocess.STDOUT, timeout=timeout_s, check=False).returncode
 
 
 # -- APDB snapshots ------------------------------------------------------------------
@@ -188,8 +188,8 @@ def visit_order(db: Path) -> list[int]:
 
 def assert_same_apdb(got: dict, want: dict) -> None:
     """Same rows, same keys, same values (floats to 1e-9 relative; NaN equals NaN)."""
-    for table in want:
-        a, b = got[table], want[table]
+    for table, b in want.items():
+        a = got[table]
         assert len(a) == len(b), f"{table}: {len(a)} rows, expected {len(b)}"
         for column in b.columns:
             x, y = a[column].to_numpy(), b[column].to_numpy()

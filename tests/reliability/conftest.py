@@ -18,10 +18,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _reliability import DIFFIM_COLLECTION, run_subset
 from postgres_fixtures import postgres_server  # noqa: F401  (session fixture, reused)
 from testing_helpers import build_once
-
-from _reliability import DIFFIM_COLLECTION, run_subset  # noqa: E402
 
 
 @pytest.fixture(scope="session")

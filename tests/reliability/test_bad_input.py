@@ -10,7 +10,6 @@ import sqlite3
 
 import numpy as np
 import pytest
-
 from _reliability import (
     DEFAULTS,
     DETECTOR,
@@ -38,7 +37,7 @@ def bad_raw_run(diffim_repo, science_visits, tmp_path_factory):
     work = tmp_path_factory.mktemp("bad_raws")
     butler = Butler.from_config(str(diffim_repo), writeable=True)
     refs = {int(r.dataId["exposure"]): r for r in butler.query_datasets("raw", collections="2.2i/raw/all")}
-    good = sorted(refs)[0]
+    good = min(refs)
     truncated, nan_amp, wrong = science_visits[:3]
     run = unique("bad_raws")
     butler.registry.registerRun(run)
@@ -77,8 +76,8 @@ def bad_raw_run(diffim_repo, science_visits, tmp_path_factory):
     ])
     written = {int(r.dataId["exposure"]) for r in
                Butler.from_config(str(diffim_repo)).query_datasets("postISRCCD", collections=output, explain=False)}
-    return dict(code=code, log=log, good=good, truncated=truncated, nan_amp=nan_amp, wrong=wrong, files=files,
-                written=written, output=output, repo=diffim_repo)
+    return {"code": code, "log": log, "good": good, "truncated": truncated, "nan_amp": nan_amp, "wrong": wrong, "files": files,
+                "written": written, "output": output, "repo": diffim_repo}
 
 
 def _error_line(log: str, exposure: int) -> str:

@@ -7,8 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-
-from _reliability import DIFFIM_COLLECTION, DETECTOR, run_subset, unique, visits_where
+from _reliability import DETECTOR, DIFFIM_COLLECTION, run_subset, unique, visits_where
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +56,6 @@ def test_password_not_in_outputs_with_server(diffim_repo, science_visits, postgr
     session's db-auth file: after a diaPipe run, the password is in no log record,
     metadata, config, marker, alert or file of the output run."""
     from lsst.daf.butler import Butler
-
     from lsst.dax.apdb import ApdbSql
 
     from diapipe.apdb.postgres_server import _get_password

@@ -8,13 +8,11 @@ import glob
 
 import numpy as np
 import pytest
-
 from _reliability import (
-    DEFAULTS,
-    DIFFIM_COLLECTION,
-    TEMPLATE_COLLECTION,
-    INSTRUMENT,
     DETECTOR,
+    DIFFIM_COLLECTION,
+    INSTRUMENT,
+    TEMPLATE_COLLECTION,
     assert_apdb_consistent,
     assert_same_apdb,
     expected_dia_source_ids,
@@ -117,7 +115,7 @@ def test_kill_aptemplate_then_resume(diffim_repo, tmp_path):
     assert code == 0, (tmp_path / "resume.log").read_text()[-3000:]
 
     got = Butler.from_config(str(diffim_repo), collections=[output])
-    coadd_id = dict(skymap="DC2", tract=3828, patch=24, band="g")
+    coadd_id = {"skymap": "DC2", "tract": 3828, "patch": 24, "band": "g"}
     a, b = got.get("goodSeeingCoadd", **coadd_id), butler.get("goodSeeingCoadd", **coadd_id)
     np.testing.assert_array_equal(a.image, b.image)
     np.testing.assert_array_equal(a.variance, b.variance)

@@ -30,7 +30,6 @@ import dataclasses
 
 import numpy as np
 from astropy.wcs import WCS, Sip
-from scipy.spatial import cKDTree
 
 __all__ = [
     "AstrometryError",
@@ -155,7 +154,7 @@ def _rotate(x, y, xc, yc, theta_rad):
     return xc + c * dx - s * dy, yc + s * dx + c * dy
 
 
-def _one_to_one(tree: cKDTree, x, y, radius):
+def _one_to_one(tree, x, y, radius):
     """Nearest reference within ``radius`` of each point; a reference keeps its closest source."""
     dist, j = tree.query(np.column_stack([x, y]), k=1, distance_upper_bound=radius)
     i = np.flatnonzero(np.isfinite(dist))
@@ -304,6 +303,8 @@ def match_to_reference(src_x, src_y, src_flux, ref_ra, ref_dec, ref_flux, initia
     # Refine with nearest neighbours and a polynomial of growing order, shrinking the radius.
     xc, yc = (bbox[0] + bbox[2]) / 2, (bbox[1] + bbox[3]) / 2
     half = max((bbox[2] - bbox[0]) / 2, (bbox[3] - bbox[1]) / 2, 1.0)
+    from scipy.spatial import cKDTree  # lazy: keeps the task modules' import time low
+
     tree = cKDTree(np.column_stack([rx[in_fp], ry[in_fp]]))
     gi = np.flatnonzero(good_src)
     tx, ty = _rotate(src_x[gi], src_y[gi], xc, yc, np.radians(rot))
@@ -622,6 +623,8 @@ def fit_wcs(src_x, src_y, src_flux, ref_ra, ref_dec, ref_flux, initial_wcs: WCS,
             break
         rx, ry = _project_refs(wcs, ref_ra, ref_dec, bbox, margin)
         in_fp = np.flatnonzero(np.isfinite(rx))
+        from scipy.spatial import cKDTree
+
         tree = cKDTree(np.column_stack([rx[in_fp], ry[in_fp]]))
         gi = np.flatnonzero(good)
         rms_pix = np.sqrt(np.mean(np.sum(fit.resid_mas[fit.used] ** 2, axis=1))) / 1e3 / \

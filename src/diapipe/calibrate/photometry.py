@@ -20,7 +20,6 @@ from __future__ import annotations
 
 
 import numpy as np
-from scipy import optimize
 
 from ..exposure.photo_calib import AB_NJY_ZERO_POINT, PhotoCalib, mag_to_njy, njy_to_mag
 
@@ -95,6 +94,8 @@ def _weighted_mean_with_scatter(r, var):
         hi = max(np.var(r), 1e-12)
         while excess(hi) > 0:
             hi *= 4
+        from scipy import optimize  # lazy (import time of the task modules)
+
         s2 = optimize.brentq(excess, 0.0, hi, xtol=1e-14, rtol=1e-10)
     m, w = mean_for(s2)
     return m, 1.0 / np.sqrt(np.sum(w)), s2

@@ -50,7 +50,6 @@ import math
 import re
 
 import numpy as np
-from scipy.interpolate import RectBivariateSpline
 
 from diapipe.exposure.masks import MASK_DTYPE, bit, bits
 from diapipe.exposure.psf import PixelPsf, fractional_shift, polynomial_terms
@@ -168,6 +167,8 @@ def pixel_mapping(src_wcs, dst_wcs, dst_shape, dst_xy0=(0, 0), src_xy0=(0, 0), g
     kx, ky = min(3, len(xs) - 1), min(3, len(ys) - 1)
     if kx < 1 or ky < 1:
         raise ValueError(f"dst_shape {dst_shape} is too small to warp onto (need >= 2 x 2 pixels)")
+    from scipy.interpolate import RectBivariateSpline  # lazy: import time of the task modules
+
     return (
         RectBivariateSpline(ys, xs, u, kx=ky, ky=kx, s=0),
         RectBivariateSpline(ys, xs, v, kx=ky, ky=kx, s=0),
