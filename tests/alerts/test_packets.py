@@ -25,7 +25,7 @@ from diapipe.exposure.psf import PixelPsf
 def _fill(record_name, rng, n, **fixed):
     """Synthetic APDB rows with *every* column of the APDB table (plus random values)."""
     table = {"diaSource": "DiaSource", "diaForcedSource": "DiaForcedSource"}[record_name]
-    from diapipe.association.summary import _apdb_tables
+    from diapipe.apdb.schema import apdb_schema_tables as _apdb_tables
 
     cols = {c["name"]: c["datatype"] for c in _apdb_tables()[table]}
     data = {}

@@ -8,41 +8,40 @@
   section across processes (``pipetask run -j N``).
 """
 
-from .connection import (
-    METADATA_KEY,
-    ApdbAccessError,
-    ApdbConfigMismatchError,
-    ApdbNotFoundError,
-    ApdbSchemaMismatchError,
-    CreatedApdb,
-    create_apdb,
-    create_commands,
-    default_config_path,
-    normalize_db_url,
-    open_apdb,
-    redact_url,
-    sqlite_path,
-    url_has_password,
-)
-from .locking import ApdbLockTimeout, apdb_lock, is_locked_error, retry_locked
+from __future__ import annotations
 
-__all__ = [
-    "METADATA_KEY",
-    "ApdbAccessError",
-    "ApdbConfigMismatchError",
-    "ApdbNotFoundError",
-    "ApdbSchemaMismatchError",
-    "ApdbLockTimeout",
-    "CreatedApdb",
-    "create_apdb",
-    "create_commands",
-    "default_config_path",
-    "normalize_db_url",
-    "open_apdb",
-    "redact_url",
-    "sqlite_path",
-    "url_has_password",
-    "apdb_lock",
-    "is_locked_error",
-    "retry_locked",
-]
+import importlib
+
+# Lazy: diapipe.apdb.schema is used by tasks that never open an APDB; dax_apdb
+# and SQLAlchemy load only when a connection is made.
+_LAZY = {
+    "ApdbAccessError": "connection",
+    "ApdbConfigMismatchError": "connection",
+    "ApdbLockTimeout": "locking",
+    "ApdbNotFoundError": "connection",
+    "ApdbSchemaMismatchError": "connection",
+    "CreatedApdb": "connection",
+    "METADATA_KEY": "connection",
+    "apdb_lock": "locking",
+    "create_apdb": "connection",
+    "create_commands": "connection",
+    "default_config_path": "connection",
+    "is_locked_error": "locking",
+    "normalize_db_url": "connection",
+    "open_apdb": "connection",
+    "redact_url": "connection",
+    "retry_locked": "locking",
+    "sqlite_path": "connection",
+    "url_has_password": "connection",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    try:
+        module = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'diapipe.apdb' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value

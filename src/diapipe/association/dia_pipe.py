@@ -200,7 +200,7 @@ def prepare_dia_sources(
 
 
 def _float32_columns(table: str) -> list[str]:
-    from .summary import _apdb_tables
+    from ..apdb.schema import apdb_schema_tables as _apdb_tables
 
     return [c["name"] for c in _apdb_tables()[table] if c.get("datatype") == "float"]
 

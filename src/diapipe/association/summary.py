@@ -36,8 +36,6 @@ All sums are vectorised with `numpy.bincount` over factorised object ids, so
 
 from __future__ import annotations
 
-import functools
-from importlib import resources
 
 import numpy as np
 import pandas as pd
@@ -47,23 +45,15 @@ __all__ = ["BANDS", "dia_object_summary", "apdb_columns"]
 BANDS = ("u", "g", "r", "i", "z", "y")
 
 
-@functools.cache
-def _apdb_tables() -> dict[str, list[dict]]:
-    import yaml
-
-    path = resources.files("lsst.sdm.schemas").joinpath("apdb.yaml")
-    with path.open("r") as stream:
-        schema = yaml.safe_load(stream)
-    return {table["name"]: table["columns"] for table in schema["tables"]}
-
-
 def apdb_columns(table: str) -> list[str]:
     """Column names, in schema order, of one table of the installed APDB schema.
 
     Read from ``apdb.yaml`` of lsst-sdm-schemas (cached), so the code follows
     the schema the APDB is created with.
     """
-    tables = _apdb_tables()
+    from ..apdb.schema import apdb_schema_tables
+
+    tables = apdb_schema_tables()
     if table not in tables:
         raise KeyError(f"APDB schema has no table {table!r}; tables: {sorted(tables)}")
     return [column["name"] for column in tables[table]]

@@ -33,7 +33,6 @@ in 1 .. 2**20 - 1 (unique per detector-visit, 0 never used), ``detector`` <
 from __future__ import annotations
 
 import functools
-from importlib import resources
 
 import numpy as np
 import pandas as pd
@@ -72,23 +71,20 @@ _ZERO_IDS = ("diaObjectId", "ssObjectId", "parentDiaSourceId")
 def dia_source_schema() -> tuple[dict, ...]:
     """The ``DiaSource`` columns of the installed ``apdb.yaml``: dicts with
     ``name``, ``datatype``, ``nullable``, ``unit`` (``fits:tunit`` or None), in schema order."""
-    import yaml
+    from ..apdb.schema import apdb_schema_path, apdb_schema_tables
 
-    path = resources.files("lsst.sdm.schemas").joinpath("apdb.yaml")
-    with path.open("r") as stream:
-        schema = yaml.safe_load(stream)
-    for table in schema["tables"]:
-        if table["name"] == "DiaSource":
-            return tuple(
-                {
-                    "name": c["name"],
-                    "datatype": c["datatype"],
-                    "nullable": bool(c.get("nullable", True)),
-                    "unit": c.get("fits:tunit"),
-                }
-                for c in table["columns"]
-            )
-    raise KeyError(f"no DiaSource table in {path}")
+    tables = apdb_schema_tables()
+    if "DiaSource" not in tables:
+        raise KeyError(f"no DiaSource table in {apdb_schema_path()}")
+    return tuple(
+        {
+            "name": c["name"],
+            "datatype": c["datatype"],
+            "nullable": bool(c.get("nullable", True)),
+            "unit": c.get("fits:tunit"),
+        }
+        for c in tables["DiaSource"]
+    )
 
 
 def pack_dia_source_id(visit: int, detector: int, counter) -> np.ndarray:
