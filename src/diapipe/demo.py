@@ -154,7 +154,7 @@ def demo_steps(workdir: str, preset: str, seed: int, jobs: int, pipetask_jobs: i
              show_output=True),
         Step("measure against truth (diapipe metrics)",
              [_bin("diapipe"), "metrics", repo, "-c", APPIPE_OUTPUT, "-c", TEMPLATE_OUTPUT,
-              "--json", os.path.join(workdir, "metrics.json")],
+              "--apdb", db_path, "--json", os.path.join(workdir, "metrics.json")],
              show_output=True),
         Step("write the report (diapipe report)",
              [_bin("diapipe"), "report", repo, "-c", APPIPE_OUTPUT, "-c", TEMPLATE_OUTPUT, "--apdb", db_path,

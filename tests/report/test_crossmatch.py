@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from diapipe.report.crossmatch import (
+from diapipe.analysis.dia_match import (
     binned_fraction,
     fraction_table,
     match_dia_objects_to_truth,

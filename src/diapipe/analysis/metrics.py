@@ -18,6 +18,7 @@ from datetime import datetime
 
 import numpy as np
 
+from .dia import dia_metrics_for
 from .single_frame import astrometry_metrics_for, isr_metrics_for, photometry_metrics_for, psf_metrics_for
 from .template import coadd_metrics_for
 
@@ -136,7 +137,7 @@ def _passes(value, op, bound) -> bool | None:
 
 
 def compute_metrics(repo, collections, *, truth_collection: str = "2.2i/truth", where: str = "",
-                    coadd_name: str = "goodSeeingCoadd", timings: bool = True) -> dict:
+                    coadd_name: str = "goodSeeingCoadd", timings: bool = True, apdb=None) -> dict:
     """All metrics of a processed repository, as a JSON-able dict.
 
     Parameters
@@ -152,7 +153,9 @@ def compute_metrics(repo, collections, *, truth_collection: str = "2.2i/truth", 
     dict
         ``detectors`` (one entry per calexp: data ID and the isr, psf, astrometry,
         photometry metrics), ``coadds``, ``summary`` (aggregates), ``bounds`` (issue 4's,
-        with pass/fail), ``timings`` (`task_timings`).
+        with pass/fail), ``dia`` (`diapipe.analysis.dia.dia_metrics_for`: DiaSource
+        completeness/spurious and, with ``apdb``, association figures; None without
+        difference imaging), ``timings`` (`task_timings`).
     """
     from lsst.daf.butler import Butler
 
@@ -191,6 +194,7 @@ def compute_metrics(repo, collections, *, truth_collection: str = "2.2i/truth", 
         "coadds": coadds,
         "summary": summary,
         "bounds": bounds,
+        "dia": dia_metrics_for(butler, apdb=apdb, truth_collection=truth_collection),
         "timings": task_timings(butler) if timings else {},
     }
 
@@ -237,6 +241,19 @@ def format_table(metrics: dict) -> str:
     for name, b in metrics["bounds"].items():
         status = {True: "ok", False: "FAIL", None: "n/a"}[b["pass"]]
         lines.append(f"  {name:<40} {_fmt(b['value']):>10} {b['op']} {_fmt(b['bound']):<8} {status}")
+    dia = metrics.get("dia")
+    if dia:
+        lines.append("")
+        lines.append("Difference imaging against truth (match radius 0.5\")")
+        d = dia["dia_sources"]
+        for key in ("n_dia_sources", "n_real", "n_spurious", "area_deg2", "spurious_per_deg2", "n_truth_variables",
+                    "completeness"):
+            lines.append(f"  {key:<40} {_fmt(d.get(key))}")
+        for b in d["completeness_vs_mag"]:
+            frac = b["k"] / b["n"] if b["n"] else float("nan")
+            lines.append(f"  completeness {b['lo']:.0f}-{b['hi']:.0f} mag{'':<22} {_fmt(frac)} ({b['k']}/{b['n']})")
+        for key, value in (dia.get("association") or {}).items():
+            lines.append(f"  {key:<40} {_fmt(value)}")
     if metrics.get("timings"):
         lines.append("")
         lines.append("Per-task run time (from <label>_metadata)")
@@ -277,11 +294,13 @@ def _configure(parser):
     parser.add_argument("--where", default="", help="butler query restricting the calexps")
     parser.add_argument("--json", default="metrics.json", help="where to write the JSON (default metrics.json)")
     parser.add_argument("--no-timings", action="store_true", help="skip reading the task metadata")
+    parser.add_argument("--apdb", default=None,
+                        help="sqlite APDB (path, sqlite:/// URL or config YAML) for association figures")
 
 
 def _run(args) -> int:
     metrics = _jsonable(compute_metrics(args.repo, args.collections, truth_collection=args.truth_collection,
-                                        where=args.where, timings=not args.no_timings))
+                                        where=args.where, timings=not args.no_timings, apdb=args.apdb))
     with open(args.json, "w") as stream:
         json.dump(metrics, stream, indent=1)
     print(format_table(metrics))

@@ -3,7 +3,7 @@
 `make_report` reads the butler outputs (calexp, src, goodSeeingDiff_*), the sqlite APDB,
 the simulator's truth and optionally ``diapipe metrics``' JSON, and writes a folder
 (``index.html``, ``style.css``, PNGs). `add_report_command` adds the subcommand to the
-``diapipe`` argument parser. Modules: `inputs` (reading), `crossmatch` (truth matching
+``diapipe`` argument parser. Modules: `inputs` (reading), `diapipe.analysis.dia_match` (truth matching
 and binned fractions), `plots` (matplotlib), `sections` (what each heading shows),
 `page` (HTML), `build` (the entry points).
 """

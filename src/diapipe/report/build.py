@@ -51,7 +51,7 @@ def make_report(repo, *, collections, apdb=None, metrics_json=None, outdir="repo
     """
     matplotlib.use("Agg", force=False)
     from . import sections as sec
-    from .crossmatch import match_dia_sources_to_truth
+    from ..analysis.dia_match import match_dia_sources_to_truth
 
     say = say or (lambda message: None)
     start = time.monotonic()

@@ -205,7 +205,7 @@ def plot_completeness(vs_snr, vs_mag, path, *, spurious_snr=None, real_snr=None,
     """Completeness of truth variables against truth S/N and magnitude, and the S/N
     distribution of real and spurious DiaSources.
 
-    ``vs_snr``/``vs_mag``: `diapipe.report.crossmatch.binned_fraction` tables (either
+    ``vs_snr``/``vs_mag``: `diapipe.analysis.dia_match.binned_fraction` tables (either
     may be None); ``spurious_snr``/``real_snr``: |S/N| of DiaSources.
     """
     panels = [p for p in (("snr", vs_snr), ("mag", vs_mag)) if p[1] is not None]

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from . import plots
-from .crossmatch import (
+from ..analysis.dia_match import (
     binned_fraction,
     fraction_table,
     match_dia_objects_to_truth,

@@ -1,4 +1,4 @@
-"""Truth matching and binned statistics behind the report's plots (pure pandas/numpy).
+"""DiaSources and DiaObjects matched to truth, and binned fractions (pure pandas/numpy); used by `diapipe metrics` and the report.
 
 Definitions (the same as ``tests/diffim_pipeline/test_diffim_quality.py``):
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..analysis.truth_match import match_sky
+from .truth_match import match_sky
 
 __all__ = [
     "VARIABLE_TYPES",
