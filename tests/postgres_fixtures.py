@@ -17,7 +17,7 @@ import os
 
 import pytest
 
-__all__ = ["postgres_server", "postgres_available"]
+__all__ = ["postgres_available", "postgres_server"]
 
 
 def postgres_available() -> str | None:

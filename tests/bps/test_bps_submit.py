@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import TEMPLATE_COLLECTION, TEMPLATE_WHERE
 
 BPS_DIR = Path(__file__).resolve().parents[2] / "src" / "diapipe" / "ap_pipe" / "bps"
@@ -53,7 +52,9 @@ def bps_submit(config: Path, workdir: Path, *args: str, timeout: float = 1500) -
     """Run ``bps submit`` in ``workdir`` (its submit/ folder lands there); fail with the log tail."""
     workdir.mkdir(parents=True, exist_ok=True)
     argv = [os.path.join(sys.prefix, "bin", "bps"), "submit", *args, str(config)]
-    result = subprocess.run(argv, cwd=workdir, env=bps_env(workdir), capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        argv, cwd=workdir, env=bps_env(workdir), capture_output=True, text=True, timeout=timeout, check=False
+    )
     (workdir / "bps-submit.log").write_text(result.stdout + result.stderr)
     if result.returncode != 0 or "Run Name:" not in result.stdout + result.stderr:
         pytest.fail(f"{shlex.join(argv)} failed ({result.returncode}):\n{(result.stdout + result.stderr)[-4000:]}")
@@ -162,7 +163,7 @@ def test_bps_appipe_into_postgres_matches_sqlite(template_repo, postgres_server,
     pg_url = postgres_server.create_database("apdb_bps")
     result = subprocess.run(
         [os.path.join(sys.prefix, "bin", "apdb-cli"), "create-sql", pg_url, str(tmp_path / "apdb-pg.yaml")],
-        capture_output=True, text=True, env=bps_env(),
+        capture_output=True, text=True, env=bps_env(), check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     config = tmp_path / "My-ApPipe-DC2-bps.yaml"

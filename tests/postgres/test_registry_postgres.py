@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import yaml
-
 from conftest import TEMPLATE_COLLECTION
 
 
@@ -31,8 +32,6 @@ def test_postgres_registry_runs_single_frame(postgres_server, template_repo, tmp
     assert butler.registry.getCollectionType("2.2i/defaults/test").name == "CHAINED"
     visits = sorted(rec.id for rec in butler.query_dimension_records("visit", instrument="LSSTCam-imSim"))[:2]
     # spatial join (visit/detector regions vs. htm7 refcat shards) through PostgreSQL
-    import os
-
     os.environ.setdefault("AP_PIPE_DIR", ap_pipe_dir())
     run_butler = SimplePipelineExecutor.prep_butler(str(root), inputs=["2.2i/defaults/test"], output="u/test/pg-sfp")
     pipe = Pipeline.from_uri(pipeline_path("ApTemplate.yaml") + "#singleFrameAp")

@@ -44,19 +44,18 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 __all__ = [
-    "PostgresUnavailableError",
-    "PostgresServerError",
     "PostgresServer",
-    "find_postgres_bin",
+    "PostgresServerError",
+    "PostgresUnavailableError",
     "db_auth_path",
-    "start_server",
+    "find_postgres_bin",
     "load_server",
     "main",
+    "start_server",
 ]
 
 HOST = "127.0.0.1"
@@ -151,7 +150,7 @@ def _get_password(path: Path, user: str, port: int) -> str:
     # read the file ourselves: DbAuth(path) would prefer $LSST_DB_AUTH over ``path``
     try:
         return DbAuth(authList=_read_auth(path)).getAuth("postgresql", user, HOST, port, "postgres")[1]
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - DbAuthError or a malformed file: one message
         raise PostgresServerError(f"no password for {_auth_url(user, port)} in {path}: {err}") from None
 
 
@@ -198,7 +197,7 @@ def _run(argv: list[str], what: str, timeout: float = 120) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     env["LC_ALL"] = "C"
     try:
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, cwd="/")
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, cwd="/", check=False)
     except subprocess.TimeoutExpired as err:
         raise PostgresServerError(f"{what} timed out after {timeout} s") from err
     if result.returncode != 0:
@@ -207,7 +206,8 @@ def _run(argv: list[str], what: str, timeout: float = 120) -> str:
 
 
 def _reachable_by(run_as: str, folder: Path) -> bool:
-    return subprocess.run(_as_user(run_as, ["test", "-w", str(folder), "-a", "-x", str(folder)])).returncode == 0
+    probe = _as_user(run_as, ["test", "-w", str(folder), "-a", "-x", str(folder)])
+    return subprocess.run(probe, check=False).returncode == 0
 
 
 @dataclass
@@ -501,7 +501,10 @@ def _scram_verifier(password: str) -> str:
     client_key = hmac.new(salted, b"Client Key", "sha256").digest()
     stored_key = hashlib.sha256(client_key).digest()
     server_key = hmac.new(salted, b"Server Key", "sha256").digest()
-    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
     return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
 
 

@@ -11,8 +11,17 @@ coefficients), convolving with it needs only one convolution per spatial term:
 three for a first-order kernel, independent of the number of basis images. The
 variance is propagated exactly through the squared kernel,
 ``V * K² = sum_{p,q} P_p P_q (V * (K_p K_q))`` (six terms for order 1), and mask
-planes are OR-ed over the kernel footprint. The convolutions use overlap-add FFTs
-(`scipy.signal.oaconvolve`), whose cost grows only logarithmically with kernel size.
+planes are OR-ed over the kernel footprint. The image is Fourier transformed once
+(`fft_convolve_same`, float32) and every spatial term costs one inverse transform;
+cost grows only logarithmically with kernel size.
+
+By default (``exact=False``) the variance is convolved once, with the squared
+centre kernel, and rescaled pixel by pixel by the local ``sum(K²)``. On the
+benchmark pair (benchmarks/bench_subtract.py, 4096², order-1 kernel) it differs from
+the exact propagation by a median 1e-7 relative, 0.5% at the 99.9th percentile and
+2.7% at worst (steep variance gradients at bright stars); the exact path costs six
+convolutions instead of one. The decorrelated difference does
+not use this plane at all (its variance comes from the unconvolved inputs).
 
 Pixels within ``K // 2`` of the image edge see the zero padding: they are flagged
 EDGE.
@@ -21,8 +30,8 @@ EDGE.
 from __future__ import annotations
 
 import numpy as np
+import scipy.fft
 from scipy.ndimage import maximum_filter
-from scipy.signal import oaconvolve
 
 from ..exposure import masks
 from .kernel_fit import KernelSolution, normalised_position
@@ -31,6 +40,7 @@ __all__ = [
     "convolve_image",
     "convolve_variance",
     "convolve_with_solution",
+    "fft_convolve_same",
     "grow_mask",
     "spatial_weight_maps",
 ]
@@ -56,8 +66,44 @@ def spatial_weight_maps(shape, bbox, order: int, xy0=(0, 0), dtype=np.float64) -
     return pairs
 
 
+def fft_convolve_same(image: np.ndarray, kernels) -> list:
+    """Convolve ``image`` with several odd, centred kernels ('same' size, zero padding).
+
+    The image is transformed once (real FFT, padded to a fast length covering the
+    largest kernel, so there is no wrap-around) and each kernel costs one product
+    and one inverse transform. Computation is float32 for float32 input (the
+    inputs' own precision; FFT round-off is ~1e-7 of the image scale), else float64.
+
+    >>> import numpy as np
+    >>> img = np.zeros((9, 9), np.float32); img[4, 4] = 1.0
+    >>> k = np.arange(9.0).reshape(3, 3)
+    >>> out = fft_convolve_same(img, [k])[0]
+    >>> bool(np.allclose(out[3:6, 3:6], k, atol=1e-6)), out.dtype.name
+    (True, 'float32')
+    """
+    image = np.asarray(image)
+    dtype = np.float32 if image.dtype == np.float32 else np.float64
+    kernels = [np.asarray(k) for k in kernels]
+    if not kernels:
+        return []
+    ny, nx = image.shape
+    size_y = max(k.shape[0] for k in kernels)
+    size_x = max(k.shape[1] for k in kernels)
+    fshape = (scipy.fft.next_fast_len(ny + size_y - 1, real=True),
+              scipy.fft.next_fast_len(nx + size_x - 1, real=True))
+    image_ft = scipy.fft.rfft2(image.astype(dtype, copy=False), s=fshape)
+    out = []
+    for kernel in kernels:
+        hy, hx = kernel.shape[0] // 2, kernel.shape[1] // 2
+        kernel_ft = scipy.fft.rfft2(kernel.astype(dtype), s=fshape)
+        kernel_ft *= image_ft
+        full = scipy.fft.irfft2(kernel_ft, s=fshape)
+        out.append(np.ascontiguousarray(full[hy : hy + ny, hx : hx + nx]))
+    return out
+
+
 def _conv(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    return oaconvolve(image, kernel.astype(image.dtype), mode="same")
+    return fft_convolve_same(image, [kernel])[0]
 
 
 def convolve_image(image: np.ndarray, solution: KernelSolution, xy0=(0, 0)) -> np.ndarray:
@@ -75,11 +121,13 @@ def convolve_image(image: np.ndarray, solution: KernelSolution, xy0=(0, 0)) -> n
         raise ValueError("convolve_image: the image has non-finite pixels; fill and mask them first")
     terms = solution.spatial_kernel_images()
     weights = spatial_weight_maps(image.shape, solution.bbox, solution.spatial_order, xy0, image.dtype)
+    active = [p for p in range(len(terms)) if np.any(terms[p])]
     out = np.zeros_like(image)
-    for kernel, (col, row) in zip(terms, weights):
-        if not np.any(kernel):
-            continue
-        out += _conv(image, kernel) * col * row
+    for p, conv in zip(active, fft_convolve_same(image, [terms[p] for p in active])):
+        col, row = weights[p]
+        conv *= col
+        conv *= row
+        out += conv
     return out
 
 
@@ -98,22 +146,27 @@ def convolve_variance(variance: np.ndarray, solution: KernelSolution, xy0=(0, 0)
     active = [p for p in range(len(terms)) if np.any(terms[p])]
     out = np.zeros_like(variance)
     if exact:
-        for a, p in enumerate(active):
-            for q in active[a:]:
-                factor = 1.0 if p == q else 2.0
-                col = weights[p][0] * weights[q][0]
-                row = weights[p][1] * weights[q][1]
-                out += factor * _conv(variance, terms[p] * terms[q]) * col * row
+        pairs = [(p, q) for a, p in enumerate(active) for q in active[a:]]
+        convs = fft_convolve_same(variance, [terms[p] * terms[q] for p, q in pairs])
+        for (p, q), conv in zip(pairs, convs):
+            factor = 1.0 if p == q else 2.0
+            col = weights[p][0] * weights[q][0]
+            row = weights[p][1] * weights[q][1]
+            out += (factor * conv) * col * row
         return out
     centre = solution.kernel_image()
     out = _conv(variance, centre**2)
-    # local sum(K²) = sum_pq P_p P_q <K_p, K_q>
-    gram = np.einsum("pij,qij->pq", terms, terms)
+    # local sum(K²) = sum_pq P_p P_q <K_p, K_q>: a polynomial of position, built
+    # from separable factors on the (ny, 1) x (1, nx) grids, then one product.
+    gram = np.einsum("pij,qij->pq", terms, terms) / (centre**2).sum()
     local = np.zeros_like(variance)
     for p in active:
         for q in active:
-            local += gram[p, q] * (weights[p][0] * weights[q][0]) * (weights[p][1] * weights[q][1])
-    return out * (local / (centre**2).sum())
+            local += (gram[p, q] * (weights[p][0] * weights[q][0])).astype(variance.dtype) * (
+                weights[p][1] * weights[q][1]
+            )
+    out *= local
+    return out
 
 
 def grow_mask(mask: np.ndarray, size: int, planes=GROWN_PLANES) -> np.ndarray:
@@ -138,7 +191,7 @@ def convolve_with_solution(
     solution: KernelSolution,
     *,
     xy0=(0, 0),
-    exact_variance: bool = True,
+    exact_variance: bool = False,
     add_background: bool = True,
 ):
     """Convolve an (image, variance, mask) triple with a `KernelSolution`.
@@ -160,7 +213,7 @@ def convolve_with_solution(
     """
     out_image = convolve_image(image, solution, xy0)
     if add_background:
-        out_image += solution.background_image(image.shape, xy0).astype(out_image.dtype)
+        out_image += solution.background_image(image.shape, xy0, dtype=out_image.dtype)
     out_var = convolve_variance(variance, solution, xy0, exact=exact_variance)
     out_mask = grow_mask(mask, solution.size)
     half = solution.size // 2

@@ -20,7 +20,7 @@ blank sky equals the whitened noise level ``σ_u² + σ_c² (Σκ)²``.
 
 ``φ`` is applied as a compact real-space kernel (its transform is smooth, so it
 is concentrated within about a matching-kernel width), which keeps the PSF and
-image corrections identical and lets the image correction use overlap-add FFTs.
+image corrections identical and lets the image correction use one FFT pair (`diapipe.diffim.convolve.fft_convolve_same`).
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.signal import fftconvolve, oaconvolve
+from scipy.signal import fftconvolve
 
 from ..exposure.psf import PixelPsf
+from .convolve import fft_convolve_same
 
 __all__ = ["DecorrelationKernel", "DecorrelationResult", "decorrelate_difference", "decorrelation_kernel"]
 
@@ -162,9 +163,9 @@ def decorrelate_difference(
     var_u = float(np.mean(variance_unconvolved[sel]))
     var_c = float(np.mean(variance_convolved[sel]))
     correction = decorrelation_kernel(matching_kernel, var_u, var_c)
-    image = oaconvolve(difference, correction.kernel.astype(difference.dtype), mode="same")
-    variance = (
-        variance_unconvolved * correction.weight_unconvolved + variance_convolved * correction.weight_convolved
-    )
+    image = fft_convolve_same(difference, [correction.kernel])[0]
+    dtype = np.result_type(variance_unconvolved, variance_convolved)
+    variance = variance_unconvolved * dtype.type(correction.weight_unconvolved)
+    variance += variance_convolved * dtype.type(correction.weight_convolved)
     new_psf = _convolve_psf(psf, correction.kernel) if psf is not None else None
     return DecorrelationResult(image=image, variance=variance, psf=new_psf, correction=correction)

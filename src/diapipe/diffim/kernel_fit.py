@@ -131,18 +131,20 @@ class KernelSolution:
         u, v = normalised_position(x, y, self.bbox)
         return np.tensordot(self.background_coeffs, polynomial_terms(u, v, self.background_order), axes=(0, 0))
 
-    def background_image(self, shape, xy0=(0, 0)) -> np.ndarray:
+    def background_image(self, shape, xy0=(0, 0), dtype=np.float64) -> np.ndarray:
         """The background model on an image of ``shape`` whose pixel [0, 0] is at ``xy0``."""
         ny, nx = shape
         u, _ = normalised_position(np.arange(nx) + xy0[0], 0.0, self.bbox)
         _, v = normalised_position(0.0, np.arange(ny) + xy0[1], self.bbox)
-        out = np.zeros(shape)
+        # sum_k c_k v^j u^i = sum_j v^j (sum_i c_ij u^i): one outer product per power of v
+        rows = np.zeros((self.background_order + 1, nx))
         k = 0
         for degree in range(self.background_order + 1):
             for pv in range(degree + 1):
-                out += self.background_coeffs[k] * np.outer(v**pv, u ** (degree - pv))
+                rows[pv] += self.background_coeffs[k] * u ** (degree - pv)
                 k += 1
-        return out
+        vpow = np.vander(v, self.background_order + 1, increasing=True)
+        return (vpow @ rows).astype(dtype, copy=False)
 
 
 @dataclass
@@ -179,6 +181,7 @@ def select_kernel_sources(
     min_sources: int = 3,
     bad_planes=STAMP_BAD_PLANES,
     mask_half_size: int | None = None,
+    spread_cells: int = 8,
 ) -> np.ndarray:
     """Indices of rows of ``sources`` usable as kernel stamps.
 
@@ -199,11 +202,16 @@ def select_kernel_sources(
         default ``half_size``. A smaller box keeps stamps whose outskirts touch a
         masked pixel when the fit gives such pixels zero weight
         (`fit_psf_matching_kernel`'s ``source_bad``/``target_bad``).
+    spread_cells : `int`
+        When more than ``max_sources`` qualify, the image is cut into
+        ``spread_cells`` x ``spread_cells`` cells and sources are taken round-robin,
+        brightest first in each cell, so a capped set still covers the whole image
+        (the spatial kernel model needs the corners, not just the densest region).
 
     Returns
     -------
     indices : `numpy.ndarray` of int
-        Highest-S/N first, at most ``max_sources``.
+        At most ``max_sources``; highest-S/N first when not capped.
 
     Raises
     ------
@@ -241,7 +249,9 @@ def select_kernel_sources(
         candidates = np.flatnonzero(ok)
         ok[candidates] &= near_bad[yi[candidates], xi[candidates]] == 0
     indices = np.flatnonzero(ok)
-    indices = indices[np.argsort(-sn[indices], kind="stable")][:max_sources]
+    indices = indices[np.argsort(-sn[indices], kind="stable")]
+    if len(indices) > max_sources:
+        indices = _spread_over_image(indices, xi, yi, (ny, nx), max_sources, spread_cells)
     if len(indices) < min_sources:
         raise TooFewKernelSourcesError(
             len(indices), min_sources, f"{len(x)} input sources, S/N in [{sn_min}, {sn_max}], isolated, unmasked"
@@ -249,9 +259,26 @@ def select_kernel_sources(
     return indices
 
 
+def _spread_over_image(indices, xi, yi, shape, n_keep: int, n_cells: int) -> np.ndarray:
+    """Round-robin over grid cells of S/N-sorted ``indices`` (brightest per cell first)."""
+    ny, nx = shape
+    cell = (np.clip(yi[indices] * n_cells // max(ny, 1), 0, n_cells - 1) * n_cells
+            + np.clip(xi[indices] * n_cells // max(nx, 1), 0, n_cells - 1))
+    # rank of each source within its cell (indices are already S/N-sorted)
+    order = np.argsort(cell, kind="stable")
+    sorted_cells = cell[order]
+    starts = np.searchsorted(sorted_cells, sorted_cells, side="left")
+    rank = np.empty(len(indices), np.int64)
+    rank[order] = np.arange(len(indices)) - starts
+    pick = np.lexsort((np.arange(len(indices)), rank))[:n_keep]
+    return indices[np.sort(pick)]
+
+
 def _cutouts(image: np.ndarray, xi: np.ndarray, yi: np.ndarray, half: int) -> np.ndarray:
+    """Stamps (N, 2h+1, 2h+1); floating images are promoted to float64 for the normal equations."""
     offsets = np.arange(-half, half + 1)
-    return image[(yi[:, None] + offsets)[:, :, None], (xi[:, None] + offsets)[:, None, :]]
+    out = image[(yi[:, None] + offsets)[:, :, None], (xi[:, None] + offsets)[:, None, :]]
+    return out.astype(np.float64) if out.dtype.kind == "f" else out
 
 
 def convolve_stamps(stamps: np.ndarray, basis: KernelBasis) -> np.ndarray:
@@ -501,13 +528,15 @@ def fit_psf_matching_kernel(
         t = tgt.reshape(n, -1)
         wf = w.reshape(n, -1)
         aw = a * wf[:, :, None]
-        # plain einsum: batched matmul of many small matrices is slower here
-        normal[sl] = np.einsum("npi,npj->nij", aw, a)
-        rhs[sl] = np.einsum("npi,np->ni", aw, t)
+        # batched BLAS products (N small (P x n_l) matrices)
+        awt = aw.transpose(0, 2, 1)
+        normal[sl] = awt @ a
+        rhs[sl] = (awt @ t[:, :, None])[:, :, 0]
         tt[sl] = ((t * wf) * t).sum(axis=1)
         awc, ac, tc, wc = aw[:, core], a[:, core], t[:, core], wf[:, core]
-        normal_c[sl] = np.einsum("npi,npj->nij", awc, ac)
-        rhs_c[sl] = np.einsum("npi,np->ni", awc, tc)
+        awct = awc.transpose(0, 2, 1)
+        normal_c[sl] = awct @ ac
+        rhs_c[sl] = (awct @ tc[:, :, None])[:, :, 0]
         tt_c[sl] = ((tc * wc) * tc).sum(axis=1)
     dof = np.maximum(n_good - n_l, 1)
     n_core = np.maximum(n_good_core, 1)
