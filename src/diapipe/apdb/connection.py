@@ -199,6 +199,21 @@ def _existing_tables(engine, namespace: str | None) -> list[str]:
     return sorted(sqlalchemy.inspect(engine).get_table_names(schema=namespace))
 
 
+def _url_with_db_auth(url: str) -> str:
+    """The URL with the password from the db-auth file (as dax_apdb connects); never logged.
+
+    sqlite URLs and URLs with no db-auth entry are returned unchanged.
+    """
+    if url.startswith("sqlite"):
+        return url
+    from lsst.utils.db_auth import DbAuth, DbAuthError
+
+    try:
+        return DbAuth().getUrl(url)
+    except DbAuthError:
+        return url
+
+
 def create_apdb(
     db_url: str,
     *,
@@ -251,7 +266,7 @@ def create_apdb(
         if config_path is None:
             config_path = default_config_path(url)
     # Refuse to "create" over an existing APDB (apdb-cli would silently reuse its tables).
-    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    engine = sqlalchemy.create_engine(_url_with_db_auth(url), poolclass=sqlalchemy.pool.NullPool)
     try:
         with engine.connect():
             pass
@@ -290,7 +305,7 @@ def create_apdb(
     settings = {"isolation_level": isolation_level, "namespace": namespace, "prefix": prefix or ""}
     apdb.metadata.set(METADATA_KEY, json.dumps(settings, sort_keys=True), force=True)
     schema_version = apdb.metadata.get(ApdbSql.metadataSchemaVersionKey) or "?"
-    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    engine = sqlalchemy.create_engine(_url_with_db_auth(url), poolclass=sqlalchemy.pool.NullPool)
     try:
         tables = _existing_tables(engine, namespace)
     finally:
