@@ -9,16 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from testing_helpers import build_once
+from testing_helpers import SIM_SEED, TEMPLATE_COLLECTION, TEMPLATE_WHERE, build_once
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
-
-
-#: seed of the shared repository (the CLI's default)
-SIM_SEED = 1
 
 
 @pytest.fixture(scope="session")
@@ -36,10 +32,6 @@ def sim_repo(tmp_path_factory) -> Path:
     return build_once(tmp_path_factory, "sim_repo", build)
 
 
-TEMPLATE_COLLECTION = "u/test/templates"
-#: the test preset's template-epoch visits end in January 2023, its science visits start in November
-TEMPLATE_WHERE = "skymap='DC2' AND tract=3828 AND patch=24 AND band='g' AND day_obs < 20230601"
-APPIPE_COLLECTION = "u/test/appipe"
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +52,24 @@ def template_repo(sim_repo, tmp_path_factory) -> Path:
 
     build_once(tmp_path_factory, "template_run", build)
     return sim_repo
+
+
+@pytest.fixture(scope="session")
+def template_all_repo(template_repo, tmp_path_factory) -> Path:
+    """``template_repo`` plus ApTemplate over every visit, as the guide runs it
+    (output ``u/test/templates_all``): science visits with transients go into the
+    template, so outlier rejection has something to reject."""
+    from diapipe.pipelines import run_pipeline
+    from testing_helpers import TEMPLATE_ALL_COLLECTION
+
+    def build(marker):
+        run_pipeline(
+            template_repo,
+            "ApTemplate.yaml",
+            inputs=["2.2i/defaults/test"],
+            output=TEMPLATE_ALL_COLLECTION,
+            where="skymap='DC2' AND tract=3828 AND patch=24 AND band='g'",
+        )
+
+    build_once(tmp_path_factory, "template_all_run", build)
+    return template_repo

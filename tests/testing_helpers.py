@@ -13,7 +13,25 @@ from astropy.wcs import WCS, Sip
 from diapipe.exposure.exposure import Exposure, PhotoCalib, VisitInfo
 from diapipe.exposure.psf import PixelPsf
 
-__all__ = ["make_tan_sip_wcs", "make_test_exposure", "build_once"]
+__all__ = [
+    "make_tan_sip_wcs",
+    "make_test_exposure",
+    "build_once",
+    "SIM_SEED",
+    "TEMPLATE_COLLECTION",
+    "TEMPLATE_WHERE",
+    "TEMPLATE_ALL_COLLECTION",
+]
+
+#: seed of the session's shared simulated repository (the CLI's default)
+SIM_SEED = 1
+#: ApTemplate output of the session's shared run (tests/conftest.py ``template_repo``)
+TEMPLATE_COLLECTION = "u/test/templates"
+#: the test preset's template-epoch visits end in January 2023, its science visits start in November:
+#: templates from that season only, so that no science visit is inside its own template
+TEMPLATE_WHERE = "skymap='DC2' AND tract=3828 AND patch=24 AND band='g' AND day_obs < 20230601"
+#: ApTemplate over every visit, as the guide runs it (science visits with transients inside)
+TEMPLATE_ALL_COLLECTION = "u/test/templates_all"
 
 
 def make_tan_sip_wcs(ra=61.86, dec=-35.8, crpix=(100.5, 80.25), rotation_deg=12.0, scale_arcsec=0.2, sip=True):

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TEMPLATE_COLLECTION
+from testing_helpers import TEMPLATE_COLLECTION
 from diapipe.apdb import create_apdb
 
 pytestmark = pytest.mark.slow

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TEMPLATE_COLLECTION, TEMPLATE_WHERE
+from testing_helpers import TEMPLATE_COLLECTION, TEMPLATE_WHERE
 
 BPS_DIR = Path(__file__).resolve().parents[2] / "src" / "diapipe" / "ap_pipe" / "bps"
 INPUT = "2.2i/defaults/test"

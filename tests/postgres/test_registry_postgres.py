@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import yaml
-from conftest import TEMPLATE_COLLECTION
+from testing_helpers import TEMPLATE_COLLECTION
 
 
 @pytest.mark.slow

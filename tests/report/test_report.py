@@ -1,4 +1,4 @@
-"""``diapipe report`` built from the ApTemplate run (``template_repo``) plus synthetic
+"""``diapipe report`` built from the ApTemplate run (``template_all_repo``) plus synthetic
 ApPipe outputs and APDB (`_synthetic`): every figure is written and has content, the
 counts it shows match what was injected, sections without inputs say so, and the page
 renders in headless Chromium with every image loaded and no console error."""
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from testing_helpers import build_once
+from testing_helpers import TEMPLATE_ALL_COLLECTION, build_once
 
 
 def _load_helpers():
@@ -32,19 +32,19 @@ SYNTHETIC_COLLECTION = _helpers.SYNTHETIC_COLLECTION
 write_synthetic_apdb = _helpers.write_synthetic_apdb
 write_synthetic_outputs = _helpers.write_synthetic_outputs
 
-TEMPLATES = "u/test/templates"
+TEMPLATES = TEMPLATE_ALL_COLLECTION
 FIGURES = ("sky.png", "light_curves.png", "cutouts.png", "completeness.png", "astrometry.png", "photometry.png",
            "timings.png")
 
 
 @pytest.fixture(scope="module")
-def synthetic(template_repo, tmp_path_factory):
+def synthetic(template_all_repo, tmp_path_factory):
     """The synthetic datasets (written once per session into their own collection) and a
     fresh APDB file."""
     state = {}
 
     def build(marker):
-        sources = write_synthetic_outputs(template_repo, TEMPLATES)
+        sources = write_synthetic_outputs(template_all_repo, TEMPLATES)
         marker.mkdir(parents=True, exist_ok=True)
         sources.to_parquet(marker / "sources.parquet")
 
@@ -76,12 +76,12 @@ def graph_png(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def report(template_repo, synthetic, graph_png, tmp_path_factory):
+def report(template_all_repo, synthetic, graph_png, tmp_path_factory):
     from diapipe.report import make_report
     from diapipe.report.inputs import find_pipeline_graphs
 
     outdir = tmp_path_factory.mktemp("report")
-    index = make_report(template_repo, collections=[SYNTHETIC_COLLECTION, TEMPLATES], apdb=synthetic["apdb"],
+    index = make_report(template_all_repo, collections=[SYNTHETIC_COLLECTION, TEMPLATES], apdb=synthetic["apdb"],
                         outdir=outdir, graphs=find_pipeline_graphs(graph_png))
     return index
 
@@ -139,7 +139,7 @@ def test_page_structure_and_counts(report, synthetic):
         assert f"<td>{label}</td>" in html
 
 
-def test_missing_inputs_are_noted_not_drawn(template_repo, tmp_path):
+def test_missing_inputs_are_noted_not_drawn(template_all_repo, tmp_path):
     """Only the ApTemplate outputs, plus a metrics JSON: sections without their inputs carry
     a note and no figure; the JSON's bounds, timings and completeness table are shown."""
     from diapipe.report import make_report
@@ -154,7 +154,7 @@ def test_missing_inputs_are_noted_not_drawn(template_repo, tmp_path):
     }
     path = tmp_path / "metrics.json"
     path.write_text(json.dumps(metrics))
-    index = make_report(template_repo, collections=[TEMPLATES], metrics_json=path, outdir=tmp_path / "r",
+    index = make_report(template_all_repo, collections=[TEMPLATES], metrics_json=path, outdir=tmp_path / "r",
                         graphs=[], timings=False)
     html = index.read_text()
     outdir = index.parent

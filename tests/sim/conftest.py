@@ -17,7 +17,7 @@ import pytest
 
 from diapipe.sim.presets import get_preset
 
-from conftest import SIM_SEED
+from testing_helpers import SIM_SEED
 
 
 @pytest.fixture(scope="session")

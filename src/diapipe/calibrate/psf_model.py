@@ -337,8 +337,16 @@ def adaptive_fwhm(kernel: np.ndarray) -> float:
     elliptical Gaussian (as HSM reports): insensitive to the noise in the
     far wings that dominates unweighted moments of a fitted kernel.
     """
-    kernel = np.asarray(kernel, float)[None]
-    xx, yy, xy, failed = _adaptive_moments(kernel, np.ones(kernel.shape, bool), np.zeros(1), np.zeros(1), 1.5)
+    kernel = np.asarray(kernel, float)
+    # start from the unweighted size: a fixed guess fails to converge for broad (bad-seeing) PSFs
+    half_y, half_x = kernel.shape[0] // 2, kernel.shape[1] // 2
+    yy0, xx0 = np.mgrid[-half_y : half_y + 1, -half_x : half_x + 1]
+    weight = np.clip(kernel, 0.0, None)
+    total = weight.sum()
+    sigma0 = np.sqrt(0.5 * (weight * (xx0**2 + yy0**2)).sum() / total) if total > 0 else 1.5
+    sigma0 = float(np.clip(sigma0, 0.8, 0.25 * min(kernel.shape)))
+    kernel = kernel[None]
+    xx, yy, xy, failed = _adaptive_moments(kernel, np.ones(kernel.shape, bool), np.zeros(1), np.zeros(1), sigma0)
     if failed[0]:
         raise ValueError("adaptive moments of the kernel did not converge")
     return float(2.0 * np.sqrt(2.0 * np.log(2.0)) * (xx[0] * yy[0] - xy[0] ** 2) ** 0.25)
