@@ -75,9 +75,8 @@ def select_psf_stars(
     no other catalogue source within ``isolation_pix``, and adaptive size
     ``T = shape_xx + shape_yy`` within ``size_clip`` robust sigmas of the
     stellar locus (galaxies are larger; cosmic-ray remnants smaller).
-    The stellar locus is found by iterative clipping about the median size of
-    the candidates, starting from the smaller half: at bright magnitudes stars
-    are the tightest clump of sizes.
+    The stellar locus starts at the smallest tight clump of sizes
+    (`_stellar_locus_centre`), refined by iterative clipping.
 
     Returns
     -------
@@ -108,9 +107,10 @@ def select_psf_stars(
     keep &= np.isfinite(size) & (size > 0)
     if keep.sum() >= 3:
         s = size[keep]
-        centre = np.median(s[s <= np.median(s)])
+        centre = _stellar_locus_centre(s)
+        near = np.abs(np.log(s / centre)) < 0.06
         for _ in range(5):
-            width = max(1.4826 * np.median(np.abs(s - centre)), 0.01 * centre)
+            width = max(1.4826 * np.median(np.abs(s[near] - centre)), 0.01 * centre)
             near = np.abs(s - centre) < size_clip * width
             if near.sum() < 3:
                 break
@@ -123,6 +123,26 @@ def select_psf_stars(
         keep[:] = False
         keep[brightest] = True
     return keep
+
+
+def _stellar_locus_centre(size: np.ndarray, bandwidth: float = 0.03) -> float:
+    """Size of the smallest tight clump of sources: the stars.
+
+    At DC2 density bright galaxies outnumber bright stars several times, so the
+    median size is a galaxy's. Stars are the smallest sources and, at S/N > 50,
+    share one size to a few per cent: take the smallest-size peak of a kernel
+    density estimate of ln(size) that is at least a quarter of the highest peak
+    and holds three or more sources.
+    """
+    logs = np.log(size)
+    grid = np.linspace(logs.min() - 2 * bandwidth, logs.max() + 2 * bandwidth, 400)
+    density = np.exp(-0.5 * ((grid[:, None] - logs[None, :]) / bandwidth) ** 2).sum(axis=1)
+    peaks = np.flatnonzero((density[1:-1] >= density[:-2]) & (density[1:-1] > density[2:])) + 1
+    for index in peaks:
+        members = np.abs(logs - grid[index]) < 2 * bandwidth
+        if density[index] >= 0.25 * density.max() and members.sum() >= 3:
+            return float(np.exp(np.median(logs[members])))
+    return float(np.median(size[size <= np.median(size)]))
 
 
 def _cut_stamps(image, variance, mask, xs, ys, half):

@@ -66,7 +66,9 @@ class CharacterizeImageConfig(pipeBase.PipelineTaskConfig, pipelineConnections=C
     psfSpatialOrder = pexConfig.Field(
         dtype=int, default=2, doc="Polynomial order of the PSF's variation over the detector."
     )
-    minPsfStars = pexConfig.Field(dtype=int, default=8, doc="Fewer usable PSF stars fail the quantum.")
+    minPsfStars = pexConfig.Field(
+        dtype=int, default=5, doc="Fewer usable PSF stars fail the quantum (a constant PSF needs a handful)."
+    )
     apCorrRadiusPixels = pexConfig.Field(
         dtype=float, default=12.0, doc="Aperture radius (pixels) that PSF fluxes are corrected to."
     )
