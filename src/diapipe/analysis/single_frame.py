@@ -189,9 +189,16 @@ def psf_metrics(model_psf, true_psf, shape, *, n_grid: int = 3, xy0=(0, 0)) -> d
     """
     from ..calibrate.psf_model import adaptive_fwhm
 
+    def fwhm_or_nan(psf, x, y):
+        # a kernel whose adaptive moments diverge is itself a bad model: NaN fails the bound
+        try:
+            return adaptive_fwhm(psf.compute_kernel_image(x, y))
+        except ValueError:
+            return np.nan
+
     xs, ys = _grid(shape, n_grid, xy0)
-    model = np.array([adaptive_fwhm(model_psf.compute_kernel_image(x, y)) for x, y in zip(xs, ys, strict=True)])
-    true = np.array([adaptive_fwhm(true_psf.compute_kernel_image(x, y)) for x, y in zip(xs, ys, strict=True)])
+    model = np.array([fwhm_or_nan(model_psf, x, y) for x, y in zip(xs, ys, strict=True)])
+    true = np.array([fwhm_or_nan(true_psf, x, y) for x, y in zip(xs, ys, strict=True)])
     ratio = model / true
     unweighted = np.array([model_psf.fwhm(x, y) / true_psf.fwhm(x, y) for x, y in zip(xs, ys, strict=True)])
     return {
