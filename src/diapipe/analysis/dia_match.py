@@ -108,8 +108,9 @@ def fraction_table(lo, hi, n, k) -> pd.DataFrame:
         denom = 1 + 1 / n
         centre = (p + 1 / (2 * n)) / denom
         half = np.sqrt(p * (1 - p) / n + 1 / (4 * n**2)) / denom
-    err_lo = np.where(n > 0, p - np.maximum(centre - half, 0.0), np.nan)
-    err_hi = np.where(n > 0, np.minimum(centre + half, 1.0) - p, np.nan)
+    # the Wilson interval contains p; clip the rounding that can make an end cross it (p = 0 or 1)
+    err_lo = np.where(n > 0, np.clip(p - np.maximum(centre - half, 0.0), 0.0, None), np.nan)
+    err_hi = np.where(n > 0, np.clip(np.minimum(centre + half, 1.0) - p, 0.0, None), np.nan)
     return pd.DataFrame({"lo": lo, "hi": hi, "centre": 0.5 * (lo + hi), "n": n, "k": k, "fraction": p,
                          "err_lo": err_lo, "err_hi": err_hi})
 
