@@ -10,28 +10,20 @@ True
 
 from __future__ import annotations
 
-import importlib
+from ._lazy import lazy_exports
 
 __all__ = ["__version__", "dia_object_summary", "forced_psf_flux", "Exposure", "PixelPsf"]
 __version__ = "0.1.0"
 
 _LAZY = {
-    "dia_object_summary": "diapipe.association.summary",
-    "forced_psf_flux": "diapipe.association.forced",
-    "Exposure": "diapipe.exposure.exposure",
-    "PixelPsf": "diapipe.exposure.psf",
+    "dia_object_summary": "association.summary",
+    "forced_psf_flux": "association.forced",
+    "Exposure": "exposure.exposure",
+    "PixelPsf": "exposure.psf",
 }
 
 
-def __getattr__(name):
-    try:
-        module = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module 'diapipe' has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 def __dir__():
     return sorted(list(globals()) + list(_LAZY))

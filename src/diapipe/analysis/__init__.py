@@ -5,13 +5,10 @@
 table, per-task run times and the ``diapipe metrics`` command).
 """
 
+from .._lazy import lazy_exports
+
 __all__ = ["compute_metrics", "format_table", "metrics_main"]
 
 
-def __getattr__(name):
-    # lazy: importing the package must not pull in the butler
-    if name in __all__:
-        from . import metrics
-
-        return getattr(metrics, name)
-    raise AttributeError(name)
+# lazy: importing the package must not pull in the butler or matplotlib
+__getattr__ = lazy_exports(__name__, {name: "metrics" for name in __all__})

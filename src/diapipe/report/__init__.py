@@ -8,13 +8,10 @@ and binned fractions), `plots` (matplotlib), `sections` (what each heading shows
 `page` (HTML), `build` (the entry points).
 """
 
+from .._lazy import lazy_exports
+
 __all__ = ["add_report_command", "make_report", "report_main"]
 
 
-def __getattr__(name):
-    # lazy: importing the package must not pull in the butler or matplotlib
-    if name in __all__:
-        from . import build
-
-        return getattr(build, name)
-    raise AttributeError(name)
+# lazy: importing the package must not pull in the butler or matplotlib
+__getattr__ = lazy_exports(__name__, {name: "build" for name in __all__})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
+from .._lazy import lazy_exports
 
 # Lazy: `diapipe` commands import diapipe.sim.presets for their options; the
 # renderer and its dependencies load only when simulating.
@@ -38,11 +38,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name):
-    try:
-        module = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module 'diapipe.sim' has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _LAZY)
