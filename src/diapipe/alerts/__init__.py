@@ -1,5 +1,6 @@
 """Alert packets (lsst-alert-packet Avro schema) with FITS cutouts."""
 
+from .journal import AlertFile, AlertFileState
 from .packets import (
     ALERT_SCHEMA_VERSION,
     PREVIOUS_WINDOW_DAYS,
@@ -16,6 +17,8 @@ from .packets import (
 __all__ = [
     "ALERT_SCHEMA_VERSION",
     "PREVIOUS_WINDOW_DAYS",
+    "AlertFile",
+    "AlertFileState",
     "AlertValidationError",
     "build_alert_packet",
     "load_alert_schema",

@@ -591,6 +591,8 @@ def write_alerts(
     try:
         with open(tmp, "wb") as stream:
             fastavro.writer(stream, _schema_info(schema)[2], packets, codec=codec)
+            stream.flush()
+            os.fsync(stream.fileno())  # the rename must never publish unwritten blocks
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

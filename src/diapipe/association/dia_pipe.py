@@ -18,12 +18,16 @@ Order of work (Rubin's ap_association, with two deliberate differences):
    the order visits were processed in).
 5. Forced PSF photometry of every DiaObject inside the detector on the
    difference image (``psfFlux``) and the calexp (``scienceFlux``), nJy.
-6. `Apdb.store` of the new DiaObject versions, DiaSources and DiaForcedSources
-   in one transaction; then release the lock.
-7. Alerts (outside the lock): one packet per DiaSource with its 12-month
-   history and cutouts, validated, one Avro file per detector-visit.
+6. Alerts (optional ``alert_sink``, e.g. `diapipe.alerts.AlertFile`): one
+   packet per DiaSource with its 12-month history and cutouts, validated,
+   written ahead to the detector-visit's *pending* Avro file.
+7. `Apdb.store` of the new DiaObject versions, DiaSources and DiaForcedSources
+   in one transaction; then the pending alert file is published (renamed)
+   and the lock released. A rerun of a detector-visit the APDB holds
+   publishes a pending file left by a process killed between store and
+   rename, so alerts are neither lost nor duplicated (`diapipe.alerts.journal`).
 
-Difference 2: the lock in step 1-6 makes overlapping quanta run one after the
+Difference 2: the lock over steps 1-7 makes overlapping quanta run one after the
 other, so concurrent quanta cannot create twin DiaObjects.
 """
 
@@ -94,6 +98,9 @@ class DiaPipeResult:
     history_sources: pd.DataFrame | None = None  #: earlier DiaSources of the updated objects
     history_forced: pd.DataFrame | None = None  #: earlier DiaForcedSources of the updated objects
     timings: dict = field(default_factory=dict)
+    #: alert file of the detector-visit: ``(state, path, n_packets)``; state ``written``,
+    #: or for a skipped rerun ``present``, ``published`` (recovered) or ``missing``
+    alerts: tuple | None = None
 
     def marker(self) -> dict:
         """The ``apdb_marker`` content (plain types)."""
@@ -287,6 +294,7 @@ def process_detector_visit(
     midpoint_mjd_tai: float,
     params: DiaPipeParameters | None = None,
     log: logging.Logger | None = None,
+    alert_sink=None,
 ) -> DiaPipeResult:
     """Associate one detector-visit's DiaSources into ``apdb`` and store everything.
 
@@ -301,6 +309,13 @@ def process_detector_visit(
     visit, detector, band, midpoint_mjd_tai
         The data ID and exposure midpoint (TAI MJD).
     params : `DiaPipeParameters`
+    alert_sink : optional
+        Exactly-once alert output, called under the APDB lock: ``prepare(result)``
+        before the store (write the pending file; returns the packet count),
+        ``commit()`` after it (publish), and ``recover()`` when the APDB already
+        holds the detector-visit (publish a pending file left by a killed run;
+        returns an object with ``state``, ``path``, ``n_packets``). See
+        `diapipe.alerts.AlertFile`.
 
     Returns
     -------
@@ -347,9 +362,24 @@ def process_detector_visit(
             stored = apdb.getDiaSources(region, None, visit_time, start_time=start)
             if stored is not None and len(stored):
                 stored = stored[(stored["visit"] == visit) & (stored["detector"] == detector)]
-            return DiaPipeResult(
-                skipped=True, dia_sources=stored, n_dia_sources=0 if stored is None else len(stored)
-            )
+            n_stored = 0 if stored is None else len(stored)
+            alerts = None
+            if alert_sink is not None:
+                found = alert_sink.recover()
+                alerts = (found.state, found.path, found.n_packets)
+                if found.state == "published":
+                    log.warning(
+                        "visit=%s, detector=%s: the run that stored it died before publishing its alerts; "
+                        "published its %d pending alerts to %s",
+                        visit, detector, found.n_packets, found.path,
+                    )
+                elif found.state == "missing" and n_stored:
+                    log.warning(
+                        "visit=%s, detector=%s: the APDB holds %d DiaSources but there is no alert file %s "
+                        "(nor a pending one): made by another alertsPath or an older diapipe; not rebuilt",
+                        visit, detector, n_stored, found.path,
+                    )
+            return DiaPipeResult(skipped=True, dia_sources=stored, n_dia_sources=n_stored, alerts=alerts)
 
         objects = apdb.getDiaObjects(region)
         timings["load_objects_s"] = _time.perf_counter() - t0
@@ -413,10 +443,7 @@ def process_detector_visit(
             while round(float(store_time.tai.mjd), 10) in taken and k < 10000:
                 k += 1
                 store_time = Time(midpoint_mjd_tai + (int(detector) * 1000 + k) * step, format="mjd", scale="tai")
-        t2 = _time.perf_counter()
-        apdb.store(store_time, updated, sources, forced)
-        timings["store_s"] = _time.perf_counter() - t2
-        return DiaPipeResult(
+        result = DiaPipeResult(
             skipped=False,
             midpoint_mjd_tai=float(store_time.tai.mjd),
             n_dia_sources=len(sources),
@@ -431,6 +458,16 @@ def process_detector_visit(
             history_forced=history_forced,
             timings=timings,
         )
+        if alert_sink is not None:
+            t2 = _time.perf_counter()
+            n_alerts = alert_sink.prepare(result)
+            timings["alerts_s"] = _time.perf_counter() - t2
+        t2 = _time.perf_counter()
+        apdb.store(store_time, updated, sources, forced)
+        timings["store_s"] = _time.perf_counter() - t2
+        if alert_sink is not None:
+            result.alerts = ("written", alert_sink.commit(), int(n_alerts))
+        return result
 
     def locked_section() -> DiaPipeResult:
         with apdb_lock(apdb, timeout_s=params.lock_timeout_s):

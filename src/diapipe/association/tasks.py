@@ -146,8 +146,9 @@ class DiaPipelineConfig(pipeBase.PipelineTaskConfig, pipelineConnections=DiaPipe
     alertsPath = pexConfig.Field(
         dtype=str,
         default="",
-        doc="Folder of the Avro alert files ({visit}_{detector}.avro). Empty: '<name>_alerts' beside an "
-        "sqlite APDB file (required for other backends).",
+        doc="Folder of the Avro alert files ({visit}_{detector}.avro; a '.avro.pending' file is not published "
+        "yet: see diapipe.alerts.journal). Empty: '<name>_alerts' beside an sqlite APDB file (required for "
+        "other backends).",
     )
     alertCutoutSize = pexConfig.Field(dtype=int, default=31, doc="Cutout size (odd, >= 31 pixels).")
 
@@ -267,6 +268,15 @@ class DiaPipelineTask(pipeBase.PipelineTask):
         except ApdbAccessError as err:
             raise pipeBase.InvalidQuantumError(f"diaPipe {where}: {err}") from err
         folder = self.alerts_folder() if config.doWriteAlerts else None
+        sink = None
+        if folder is not None:
+            sink = _AlertSink(
+                folder, visit, detector,
+                lambda result: build_alerts(
+                    result, diffIm, exposure, template,
+                    history_days=config.diaObjectHistoryDays, cutout_size=config.alertCutoutSize,
+                ),
+            )
         params = DiaPipeParameters(
             max_association_dist_arcsec=config.maxAssociationDistArcsec,
             history_days=config.diaObjectHistoryDays,
@@ -286,6 +296,7 @@ class DiaPipelineTask(pipeBase.PipelineTask):
                 midpoint_mjd_tai=mjd,
                 params=params,
                 log=self.log,
+                alert_sink=sink,
             )
         except (KeyError, ValueError, TypeError) as err:
             raise BadInputError(f"goodSeeingDiff_diaSrcTable of {where}: {err}") from err
@@ -298,22 +309,14 @@ class DiaPipelineTask(pipeBase.PipelineTask):
             self.metadata[key] = float(value)
 
         alerts_file, packets = None, []
-        if folder is not None and not result.skipped:
-            from ..alerts import write_alerts
-
-            packets = build_alerts(
-                result,
-                diffIm,
-                exposure,
-                template,
-                history_days=config.diaObjectHistoryDays,
-                cutout_size=config.alertCutoutSize,
-            )
-            os.makedirs(folder, exist_ok=True)
-            alerts_file = os.path.join(folder, f"{visit}_{detector}.avro")
-            write_alerts(packets, alerts_file)
-            marker["alertsFile"] = alerts_file
-            marker["numAlerts"] = len(packets)
+        if result.alerts is not None:
+            state, path, n_alerts = result.alerts
+            packets = sink.packets
+            marker["alertsState"] = state
+            if state != "missing":
+                alerts_file = path
+                marker["alertsFile"] = path
+                marker["numAlerts"] = int(n_alerts)
         if not result.skipped:
             self.log.info(
                 "%s: %d DiaSources -> %d updated + %d new DiaObjects, %d forced sources%s",
@@ -333,3 +336,25 @@ class DiaPipelineTask(pipeBase.PipelineTask):
         if config.doWriteAssociatedSources:
             struct.associatedDiaSources = associated
         return struct
+
+
+class _AlertSink:
+    """`process_detector_visit`'s alert output: packets built by ``build(result)`` go
+    through `diapipe.alerts.AlertFile` (pending file before the store, published after)."""
+
+    def __init__(self, folder, visit, detector, build):
+        from ..alerts import AlertFile
+
+        self.file = AlertFile(folder, visit, detector)
+        self.build = build
+        self.packets: list = []
+
+    def prepare(self, result) -> int:
+        self.packets = self.build(result)
+        return self.file.prepare(self.packets)
+
+    def commit(self) -> str:
+        return self.file.commit()
+
+    def recover(self):
+        return self.file.recover()
