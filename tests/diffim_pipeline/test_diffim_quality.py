@@ -122,8 +122,8 @@ def test_spurious_density(scored):
     clean_density = len(clean) / scored["area_deg2"]
     print(f"spurious: {len(spurious)} ({density:.0f}/deg²), unflagged {len(clean)} ({clean_density:.0f}/deg²)"
           f" over {scored['area_deg2']:.5f} deg²")
-    # Still far above the 100/deg²: residuals of PSF mismatch at bright stars
-    # (worst where the science PSF is narrower than the template's) dominate.
+    # Still far above the 100/deg²: residuals of PSF mismatch at bright stars and
+    # galaxies (worst where the science PSF is narrower than the template's) dominate.
     assert density <= SPURIOUS_BOUND
 
 
@@ -169,9 +169,6 @@ def test_sky_source_snr_width(scored):
     assert abs(snr.mean()) <= 3.0 / np.sqrt(len(snr)) + 0.1
 
 
-@pytest.mark.xfail(reason="measured median ratio 1.016 (passes) but pull width 1.18 (bound 1.15) with pull median "
-                   "+0.55: per-visit kernel sums 0.97-1.02 leave percent-level scale errors that dominate the "
-                   "pulls of S/N 20-60 variables; see the report")
 def test_psf_flux_vs_truth(scored):
     truth = scored["truth"]
     ok = truth[truth.detected & truth.clean & (truth.snr >= 6)]
@@ -185,7 +182,9 @@ def test_psf_flux_vs_truth(scored):
     assert abs((q75 - q25) / 1.349 - 1.0) <= 0.15
 
 
-#: Reached on the test preset (not the issue's 100/deg²): 39 spurious in 0.0051 deg² (7600/deg²).
-SPURIOUS_BOUND = 9000.0
-#: After `residual_cut`: 6 spurious in 0.0051 deg² (~1200/deg²) on the demo's run of the test preset.
-CUT_SPURIOUS_BOUND = 2500.0
+#: Reached on the test preset (not the issue's 100/deg²): 21 spurious in 0.0052 deg² (4000/deg²)
+#: since one DiaSource per footprint and the detection-scale noise calibration (before: 39,
+#: 7600/deg²; the secondary peaks of footprints at bright stars were ~30 % of them).
+SPURIOUS_BOUND = 5000.0
+#: After `residual_cut`: 4 spurious in 0.0052 deg² (770/deg²; before 6, 1200/deg²).
+CUT_SPURIOUS_BOUND = 1000.0

@@ -490,6 +490,25 @@ class DetectAndMeasureConfig(pipeBase.PipelineTaskConfig, pipelineConnections=De
         doc="Subtract a smooth background (sources masked) from the difference before detection.",
     )
     backgroundBinSizePix = pexConfig.Field(dtype=int, default=128, doc="Cell size (px) of that background.")
+    doDeblendPeaks = pexConfig.Field(
+        dtype=bool, default=False,
+        doc="Make every peak of a footprint a DiaSource. Default: one DiaSource per footprint (its most "
+        "significant peak), as ip_diffim without a deblender; secondary peaks are mostly residual "
+        "structure in the wings of bright stars (measured on the test preset and ci_imsim).",
+    )
+    doScaleDetectionVariance = pexConfig.Field(
+        dtype=bool, default=True,
+        doc="Scale the difference's variance up to the noise measured on the PSF-filtered image (source-free "
+        "pixels) before detection, so that thresholds and errors are in units of the real noise "
+        "(correlated template noise survives decorrelation). Needs doSubtractBackground.",
+    )
+    badSourceCenterPlanes = pexConfig.ListField(
+        dtype=str, default=["INTRP", "SAT", "SAT_TEMPLATE"],
+        doc="Remove DiaSources whose 3x3 centre pixels all carry one of these planes, or whose centre is "
+        "off the image (ip_diffim's badSourceFlags: interpolated/saturatedCenterAll, offimage; plus "
+        "saturation in the template; edge/nodata/badCenterAll left out as they removed real transients "
+        "near the border or on bad columns of the test preset and ci_imsim). Empty: keep everything.",
+    )
 
 
 class DetectAndMeasureTask(pipeBase.PipelineTask):
@@ -526,6 +545,9 @@ class DetectAndMeasureTask(pipeBase.PipelineTask):
             n_sky_sources=config.nSkySources if config.doSkySources else 0,
             sky_source_radius_pix=config.skySourceRadiusPix,
             background_bin_pix=config.backgroundBinSizePix if config.doSubtractBackground else None,
+            deblend_peaks=config.doDeblendPeaks,
+            scale_variance=config.doScaleDetectionVariance,
+            bad_center_planes=tuple(config.badSourceCenterPlanes),
             rng=rng,
         )
         for key, value in result.stats.items():

@@ -1,0 +1,145 @@
+"""DiaSource cleaning on synthetic difference images: one DiaSource per footprint,
+Rubin's bad-centre removal, the detection-scale noise calibration, and the
+post-fit photometric scaling of `subtract_images` (small images, seconds)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.wcs import WCS
+from scipy.ndimage import gaussian_filter
+
+from diapipe.diffim.dia_sources import (
+    centre_all_bits,
+    detect_and_measure_dia_sources,
+    detection_noise_scale,
+)
+from diapipe.diffim.subtract import photometric_scale_correction
+from diapipe.exposure import masks
+from diapipe.exposure.exposure import Exposure, PhotoCalib
+from diapipe.exposure.psf import PixelPsf
+
+SIGMA = 2.0
+
+
+def _wcs():
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    wcs.wcs.crval = [61.86, -35.8]
+    wcs.wcs.crpix = [100.0, 100.0]
+    wcs.wcs.cd = np.array([[-0.2, 0.0], [0.0, 0.2]]) / 3600.0
+    wcs.wcs.set()
+    return wcs
+
+
+def _add(image, psf, x, y, flux):
+    stamp = psf.compute_image(x, y)
+    half = stamp.shape[0] // 2
+    ix, iy = int(round(x)), int(round(y))
+    image[iy - half : iy + half + 1, ix - half : ix + half + 1] += flux * stamp
+
+
+def _difference(image, mask=None):
+    psf = PixelPsf.gaussian(SIGMA, 21)
+    return Exposure(image=image.astype(np.float32), mask=np.zeros(image.shape, np.int32) if mask is None else mask,
+                    variance=np.ones(image.shape, np.float32), wcs=_wcs(), psf=psf, photo_calib=PhotoCalib(1.0))
+
+
+def _run(diff, **kwargs):
+    return detect_and_measure_dia_sources(diff, science=None, matched_template=None, visit=1, detector=2,
+                                          n_sky_sources=0, rng=np.random.default_rng(0), **kwargs)
+
+
+def test_centre_all_needs_every_centre_pixel():
+    mask = np.zeros((20, 20), np.int32)
+    intrp = masks.bit("INTRP")
+    mask[5:8, 5:8] = intrp  # full 3x3 block around (6, 6)
+    mask[12, 12] = intrp  # a single pixel around (12, 12)
+    out = centre_all_bits(mask, [6.0, 12.0, 0.0], [6.0, 12.0, 0.0])
+    assert (out[0] & intrp) and not (out[1] & intrp)
+    # off-image pixels count as flagged, the on-image corner pixels are clean
+    assert not (out[2] & intrp)
+
+
+def test_one_dia_source_per_footprint_unless_deblending():
+    rng = np.random.default_rng(1)
+    psf = PixelPsf.gaussian(SIGMA, 21)
+    image = rng.normal(0.0, 1.0, (160, 160))
+    # two blended peaks 9 px apart (one footprint) and an isolated source
+    _add(image, psf, 60.0, 60.0, 3000.0)
+    _add(image, psf, 69.0, 60.0, 1500.0)
+    _add(image, psf, 120.0, 120.0, 800.0)
+    merged = _run(_difference(image), background_bin_pix=None)
+    split = _run(_difference(image), background_bin_pix=None, deblend_peaks=True)
+    assert len(merged.catalog) == 2
+    assert len(split.catalog) == 3
+    # the footprint's DiaSource is its most significant peak
+    brightest = merged.catalog[np.argmax(merged.catalog["snr"])]
+    assert abs(brightest["x"] - 60.0) < 1.0 and abs(brightest["y"] - 60.0) < 1.0
+
+
+def test_bad_centre_sources_removed_and_counted():
+    rng = np.random.default_rng(2)
+    psf = PixelPsf.gaussian(SIGMA, 21)
+    image = rng.normal(0.0, 1.0, (160, 160))
+    mask = np.zeros(image.shape, np.int32)
+    _add(image, psf, 50.0, 50.0, 1000.0)
+    _add(image, psf, 110.0, 110.0, 1000.0)
+    mask[108:113, 108:113] = masks.bit("INTRP")  # an interpolated core: no real pixel at the centre
+    kept = _run(_difference(image, mask.copy()), background_bin_pix=None)
+    assert len(kept.catalog) == 1 and kept.stats["n_removed_bad_center"] == 1
+    assert abs(kept.catalog["x"][0] - 50.0) < 1.0
+    everything = _run(_difference(image, mask.copy()), background_bin_pix=None, bad_center_planes=())
+    assert len(everything.catalog) == 2
+
+
+def test_detection_noise_scale_white_and_correlated():
+    rng = np.random.default_rng(4)
+    # (~2000 independent PSF-filtered samples per 300 px square: the width is known to ~2.5 %)
+    white = rng.normal(0.0, 1.0, (600, 600)).astype(np.float32)
+    mask = np.zeros(white.shape, np.int32)
+    assert detection_noise_scale(white, np.ones_like(white), mask, SIGMA) == pytest.approx(1.0, abs=0.03)
+    # noise correlated on ~1 px with the right per-pixel variance: the PSF-filtered noise is larger
+    corr = gaussian_filter(rng.normal(0.0, 1.0, (300, 300)), 0.8)
+    corr = (corr / corr.std()).astype(np.float32)
+    scale = detection_noise_scale(corr, np.ones_like(corr), np.zeros(corr.shape, np.int32), SIGMA)
+    assert scale > 1.3
+    # masked detections are excluded from the measurement
+    bright = white.copy()
+    bright[200:240, 200:240] += 50.0
+    mask[195:245, 195:245] = masks.bit("DETECTED")
+    assert detection_noise_scale(bright, np.ones_like(bright), mask, SIGMA) == pytest.approx(1.0, abs=0.03)
+
+
+def test_noise_calibration_makes_sky_errors_honest():
+    rng = np.random.default_rng(5)
+    corr = gaussian_filter(rng.normal(0.0, 1.0, (256, 256)), 0.8)
+    corr /= corr.std()
+    plain = _run(_difference(corr), background_bin_pix=64, scale_variance=False)
+    scaled = _run(_difference(corr), background_bin_pix=64)
+    assert scaled.stats["detection_noise_scale"] > 1.3
+    # correlated noise gives spurious 5-sigma detections unless the threshold is in real noise units
+    assert len(plain.catalog) >= 3
+    assert len(scaled.catalog) <= 1
+
+
+def test_photometric_scale_correction_recovers_scale_and_ignores_a_variable():
+    rng = np.random.default_rng(6)
+    psf = PixelPsf.gaussian(SIGMA, 21)
+    clean = np.zeros((200, 200))
+    xs, ys = np.meshgrid(np.arange(25.0, 200.0, 30.0), np.arange(25.0, 200.0, 30.0))
+    xs, ys = xs.ravel(), ys.ravel()
+    for x, y in zip(xs, ys):
+        _add(clean, psf, x, y, 2e4)
+    target = clean + rng.normal(0.0, 1.0, clean.shape)
+    _add(target, psf, xs[0], ys[0], 1e4)  # a variable among the stars: +50 %
+    matched = 0.97 * clean + rng.normal(0.0, 1.0, clean.shape)
+    ones = np.ones(clean.shape)
+    f, err, n = photometric_scale_correction(target, ones, matched, ones, np.zeros(clean.shape, np.int32),
+                                             psf, xs, ys)
+    assert f == pytest.approx(1 / 0.97, abs=0.002)
+    assert n == len(xs) - 1
+    assert 0 < err < 0.002
+    # too few stars: no correction
+    assert photometric_scale_correction(target, ones, matched, ones, np.zeros(clean.shape, np.int32),
+                                        psf, xs[:3], ys[:3])[0] == 1.0
