@@ -233,6 +233,7 @@ def make_cutout(
     mask=None,
     xy0=(0, 0),
     bunit: str = "nJy",
+    flux_scale: float = 1.0,
 ) -> bytes:
     """A FITS cutout (bytes) of ``size`` x ``size`` pixels centred on (x, y).
 
@@ -256,6 +257,9 @@ def make_cutout(
         Parent coordinates of ``image[0, 0]``.
     bunit : `str`
         Pixel unit written to BUNIT.
+    flux_scale : `float`
+        Factor from ``image``'s units to ``bunit`` (variance scaled by its square):
+        an instrumental-unit calexp is converted on the cutout, not the whole frame.
     """
     if size < 30 or size % 2 == 0:
         raise ValueError(f"cutout size must be odd and >= 30 pixels, got {size}")
@@ -278,6 +282,9 @@ def make_cutout(
 
     img = cut(image, np.nan, np.float32)
     var = cut(variance, np.nan, np.float32)
+    if flux_scale != 1.0:
+        img *= np.float32(flux_scale)
+        var *= np.float32(flux_scale * flux_scale)
     m = None if mask is None else cut(np.asarray(mask), bit("NO_DATA"), MASK_DTYPE)
     if hasattr(psf_image, "compute_kernel_image"):
         kernel = psf_image.compute_kernel_image(x, y)

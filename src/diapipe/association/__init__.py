@@ -3,9 +3,20 @@
 Pure algorithms on pandas/numpy: the diaPipe task wraps them with APDB I/O.
 """
 
-from .forced import forced_psf_flux
-from .match import AssociationResult, assign_dia_object_ids, associate, new_dia_object_ids
-from .summary import dia_object_summary
+from .._lazy import lazy_exports
+
+# Lazy: diaPipe's task module imports this package, and match.py pulls in scipy.optimize.
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "forced_psf_flux": "forced",
+        "AssociationResult": "match",
+        "assign_dia_object_ids": "match",
+        "associate": "match",
+        "new_dia_object_ids": "match",
+        "dia_object_summary": "summary",
+    },
+)
 
 __all__ = [
     "AssociationResult",

@@ -54,7 +54,7 @@ __all__ = [
     "forced_source_ids",
     "process_detector_visit",
     "build_alerts",
-    "exposure_planes_njy",
+    "njy_per_unit",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -136,16 +136,13 @@ def detector_region(wcs, bbox, margin_pix: float = 250.0, n_per_side: int = 4):
     return sphgeom.ConvexPolygon.convexHull(vertices)
 
 
-def exposure_planes_njy(exposure) -> tuple[np.ndarray, np.ndarray]:
-    """Image and variance in nJy (per pixel): an exposure with a PhotoCalib is
-    in instrumental units (afw's convention), one without is already in nJy."""
-    image = np.asarray(exposure.image, dtype=float)
-    variance = np.asarray(exposure.variance, dtype=float)
+def njy_per_unit(exposure) -> float:
+    """Factor from an exposure's pixel units to nJy: an exposure with a PhotoCalib is
+    in instrumental units (afw's convention), one without is already in nJy. Forced
+    fluxes and cutouts are scaled by it afterwards (both are linear in the image), so
+    no full-frame nJy copy of the planes is made."""
     calib = getattr(exposure, "photo_calib", None)
-    if calib is None:
-        return image, variance
-    c = float(calib.calibration_mean)
-    return image * c, variance * c * c
+    return 1.0 if calib is None else float(calib.calibration_mean)
 
 
 # -- tables ----------------------------------------------------------------------------
@@ -267,11 +264,12 @@ def forced_photometry(
             xs, ys = (np.asarray(v, dtype=float) for v in science.wcs.world_to_pixel_values(ra, dec))
         else:
             xs, ys = x, y
-        image, variance = exposure_planes_njy(exposure)
         flux, err = forced_psf_flux(
-            image, variance, exposure.psf, xs, ys, mask=exposure.mask, xy0=exposure.xy0, allow_partial=True
+            exposure.image, exposure.variance, exposure.psf, xs, ys, mask=exposure.mask, xy0=exposure.xy0,
+            allow_partial=True,
         )
-        out[prefix], out[prefix + "Err"] = flux, err
+        scale = njy_per_unit(exposure)
+        out[prefix], out[prefix + "Err"] = flux * scale, err * scale
     return pd.DataFrame(out)[columns]
 
 
@@ -504,17 +502,18 @@ def build_alerts(
     planes = {}
     for name, exposure in (("difference", difference), ("science", science), ("template", template)):
         if exposure is not None:
-            planes[name] = (exposure, *exposure_planes_njy(exposure))
+            planes[name] = (exposure, njy_per_unit(exposure))
 
     def cutout(name, ra, dec, x=None, y=None):
         if name not in planes:
             return None
-        exposure, image, variance = planes[name]
+        exposure, scale = planes[name]
         if x is None:
             x, y = (float(v) for v in exposure.wcs.world_to_pixel_values(ra, dec))
         psf = exposure.psf if exposure.psf is not None else np.ones((1, 1))
         return make_cutout(
-            image, variance, exposure.wcs, psf, x, y, size=cutout_size, mask=exposure.mask, xy0=exposure.xy0
+            exposure.image, exposure.variance, exposure.wcs, psf, x, y, size=cutout_size, mask=exposure.mask,
+            xy0=exposure.xy0, flux_scale=scale,
         )
 
     packets = []

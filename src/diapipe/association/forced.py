@@ -110,24 +110,32 @@ def forced_psf_flux(
     >>> float(np.round(err[0], 3))  # 1/sqrt(Σ P²/σ²) = 2 sqrt(4π) σ_psf for a Gaussian
     10.635
     """
-    image = np.asarray(image, dtype=float)
-    variance = np.asarray(variance, dtype=float)
+    # Planes stay in their own dtype; only the PSF stamps are converted (a full-frame
+    # float64 copy of a 4k x 4k detector cost more than all the fits together).
+    image = np.asarray(image)
+    variance = np.asarray(variance)
     if image.ndim != 2 or variance.shape != image.shape:
         raise ValueError(f"image {image.shape} and variance {variance.shape} must be 2-d of the same shape")
     x = np.atleast_1d(np.asarray(x, dtype=float))
     y = np.atleast_1d(np.asarray(y, dtype=float))
     if x.shape != y.shape or x.ndim != 1:
         raise ValueError(f"x {x.shape} and y {y.shape} must be 1-d of the same length")
-    usable = np.isfinite(image) & np.isfinite(variance) & (variance > 0)
     if mask is not None:
         mask = np.asarray(mask)
         if mask.shape != image.shape:
             raise ValueError(f"mask {mask.shape} must match image {image.shape}")
-        if bad_mask_planes:
-            usable &= (mask & bits(bad_mask_planes)) == 0
-    # Pre-weighted planes: zero where unusable, so sums simply skip those pixels.
-    inv_var = np.where(usable, 1.0 / np.where(usable, variance, 1.0), 0.0)
-    weighted = np.where(usable, image, 0.0) * inv_var
+    bad_bits = bits(bad_mask_planes) if (mask is not None and bad_mask_planes) else 0
+
+    def stamp_planes(rows, cols):
+        """Inverse variance and inverse-variance-weighted image of one stamp, zero
+        where a pixel is unusable, so sums simply skip those pixels."""
+        img = np.asarray(image[rows, cols], dtype=float)
+        var = np.asarray(variance[rows, cols], dtype=float)
+        usable = np.isfinite(img) & np.isfinite(var) & (var > 0)
+        if bad_bits:
+            usable &= (mask[rows, cols] & bad_bits) == 0
+        inv_var = np.where(usable, 1.0 / np.where(usable, var, 1.0), 0.0)
+        return inv_var, np.where(usable, img, 0.0) * inv_var
 
     n = x.size
     flux = np.full(n, np.nan)
@@ -164,13 +172,13 @@ def forced_psf_flux(
             if not allow_partial:
                 continue
         p = psf[cy0 - ly0 : cy1 - ly0, cx0 - lx0 : cx1 - lx0]
-        iv = inv_var[cy0:cy1, cx0:cx1]
+        iv, weighted = stamp_planes(slice(cy0, cy1), slice(cx0, cx1))
         denom = float(np.sum(p * p * iv))
         n_pix[i] = int(np.count_nonzero(iv))
         if not denom > 0:
             no_good[i] = True
             continue
-        flux[i] = float(np.sum(p * weighted[cy0:cy1, cx0:cx1])) / denom
+        flux[i] = float(np.sum(p * weighted)) / denom
         flux_err[i] = 1.0 / np.sqrt(denom)
 
     if return_flags:
