@@ -29,7 +29,6 @@ import lsst.pipe.base.connectionTypes as cT
 from ..errors import DiapipeAlgorithmError, TooFewSourcesError, data_id_str
 from ..exposure.exposure import Exposure, PhotoCalib
 from ..exposure.masks import MASK_DTYPE, bit
-from .dia_sources import detect_and_measure_dia_sources
 
 __all__ = [
     "RetrieveTemplateTask",
@@ -530,6 +529,8 @@ class DetectAndMeasureTask(pipeBase.PipelineTask):
         visit = int(info.visit if visit is None else visit)
         detector = int(info.detector if detector is None else detector)
         rng = np.random.default_rng([visit, detector])
+        from .dia_sources import detect_and_measure_dia_sources  # lazy: task-module import time
+
         result = detect_and_measure_dia_sources(
             difference,
             science=science if config.doForcedMeasurement else None,
