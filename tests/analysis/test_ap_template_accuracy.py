@@ -52,32 +52,37 @@ def test_astrometry_against_true_wcs(metrics):
 
 
 def test_zero_point_against_truth(metrics):
-    dzp = _col(metrics, "photometry", "zp_offset_mmag")  # measured -6.0 .. +5.0 mmag
-    err = _col(metrics, "photometry", "zp_err_mmag")  # the fits' own errors, ~2-5 mmag
-    # Issue 4 asks |dzp| < 5 mmag per calexp. On the test preset's 800x800 detector ~25
-    # reference stars (some variable, with catalogue mean fluxes) set each zero point, and
-    # the fit's own 1-sigma error is 2-5 mmag, so one visit (888407) lands at -6.0 mmag, a
-    # 1.3-sigma excursion. Asserted: the median within 5 mmag, every offset consistent
-    # with its error (< 3 sigma), and none beyond 8 mmag.
-    assert np.median(np.abs(dzp)) < 5.0
+    dzp = _col(metrics, "photometry", "zp_offset_mmag")  # measured -5.1 .. +2.5 mmag, median |dzp| 1.4
+    err = _col(metrics, "photometry", "zp_err_mmag")  # the fits' own errors, 1.3-2.1 mmag
+    # Issue 4 asks |dzp| < 5 mmag per calexp; on ci_imsim every visit is within 1.5 mmag.
+    # On the test preset's 800x800 detector ~30 reference stars set each zero point and
+    # ~15 PSF stars the aperture correction; one visit (1554244) lands at -5.1 mmag, where
+    # the brightest stars' aperture-corrected fluxes themselves sit 0.3-0.4 % high (the
+    # 15-star aperture-correction fit), a 2.4-sigma excursion. Asserted: the median well
+    # within 5 mmag, every offset consistent with its error (< 3 sigma), none beyond 6 mmag.
+    # (Before total-flux calibration and the constant-flux scatter model: median 3.3, worst
+    # -6.0 mmag; with the constant-fraction model alone one visit was at -12 mmag.)
+    assert np.median(np.abs(dzp)) < 2.5
     assert np.all(np.abs(dzp) < 3.0 * err)
-    assert np.all(np.abs(dzp) < 8.0)
+    assert np.all(np.abs(dzp) < 6.0)
 
 
 def test_psf_flux_of_isolated_bright_stars(metrics):
-    ratio = _col(metrics, "photometry", "flux_ratio_median")  # measured 0.991-1.001
+    ratio = _col(metrics, "photometry", "flux_ratio_median")  # measured 0.9977-1.0009, median 1.0002
     assert np.all(_col(metrics, "photometry", "n_stars") >= 3)
-    assert abs(np.median(ratio) - 1.0) < 0.01
-    assert np.all(np.abs(ratio - 1.0) < 0.015)
+    # total-flux aperture correction: the 12 px aperture's missing wings (0.1-0.4 % here,
+    # 2-4 % in 1.6" seeing) no longer bias PSF fluxes low (before: 0.991-1.001)
+    assert abs(np.median(ratio) - 1.0) < 0.003
+    assert np.all(np.abs(ratio - 1.0) < 0.006)
 
 
 def test_template_photometry_astrometry_psf(metrics):
     coadd = metrics["coadds"][0]
     assert coadd["n_stars"] >= 8
-    assert abs(coadd["flux_ratio_median"] - 1.0) < 0.01  # measured 0.993
-    # measured 7.6 mas, equal to the stars' own centroid noise (7.9 mas)
+    assert abs(coadd["flux_ratio_median"] - 1.0) < 0.008  # measured 1.0037 (before 0.993)
+    # measured 7.4 mas, equal to the stars' own centroid noise (7.2 mas)
     assert coadd["position_rms_mas"] < 10.0
-    assert abs(coadd["psf_size_ratio"] - 1.0) < 0.03  # measured 0.994
+    assert abs(coadd["psf_size_ratio"] - 1.0) < 0.03  # measured 0.995
 
 
 def test_no_transient_in_the_template(metrics):

@@ -141,3 +141,43 @@ def test_transient_leak_is_seen_and_host_removed():
     image[50:71, 54:75] += 10 * np.sqrt(2) * sigma_flux * stamp
     leaked = transient_leak_metrics(image, variance, mask, psf, [64.0], [60.0], mirror_x=[56.0], mirror_y=[60.0])
     assert leaked["n_above_3sigma"] == 1 and leaked["max_snr"] > 7
+
+
+def test_coadd_photometry_with_a_varying_psf_in_parent_pixels():
+    """A patch coadd lives at a large ``xy0`` with a PSF in parent pixels that varies
+    strongly (sigma 1.5 -> 2.5 px across it): PSF fluxes of its stars must come out right,
+    i.e. the metric evaluates the PSF where the stars are, not at their array indices."""
+    from diapipe.analysis.template import coadd_metrics, local_psf
+    from diapipe.exposure.exposure import Exposure
+
+    rng = np.random.default_rng(9)
+    x0, y0 = 13441, 13418
+    shape = (240, 240)
+    size = 21
+    narrow = PixelPsf.gaussian(1.5, size=size).compute_kernel_image(0, 0)
+    wide = PixelPsf.gaussian(2.5, size=size).compute_kernel_image(0, 0)
+    bbox = (x0, y0, x0 + shape[1] - 1, y0 + shape[0] - 1)
+    # K(u) = mean + u * half-difference: narrow at the left edge (u = -1), wide at the right
+    psf = PixelPsf(np.stack([(narrow + wide) / 2, (wide - narrow) / 2, np.zeros_like(wide)]), 1, bbox)
+    loc = local_psf(psf, (x0, y0))
+    np.testing.assert_allclose(loc.compute_kernel_image(30.0, 200.0), psf.compute_kernel_image(x0 + 30.0, y0 + 200.0))
+
+    image = rng.normal(0.0, 1.0, shape)
+    xs, ys = np.meshgrid(np.arange(30.0, 220.0, 40.0) + 0.3, np.arange(30.0, 220.0, 40.0) - 0.2)
+    xs, ys = xs.ravel(), ys.ravel()
+    flux = 5.0e4
+    h = size // 2
+    for x, y in zip(xs, ys, strict=True):
+        ix, iy = int(round(x)), int(round(y))
+        image[iy - h:iy + h + 1, ix - h:ix + h + 1] += flux * psf.compute_image(x + x0, y + y0)
+    wcs = _tan_wcs(crpix=(x0 + 120.5, y0 + 120.5))
+    coadd = Exposure(image=image.astype(np.float32), variance=np.ones(shape, np.float32), wcs=wcs, psf=psf,
+                     xy0=(x0, y0))
+    ra, dec = wcs.all_pix2world(xs + x0, ys + y0, 0)
+    truth_sky = pd.DataFrame({"id": np.arange(xs.size), "type": "star", "ra": ra, "dec": dec,
+                              "mag_g": np.full(xs.size, 31.4 - 2.5 * np.log10(flux)), "host_id": -1})
+    out = coadd_metrics(coadd, truth_sky, "g")
+    assert out["n_stars"] == xs.size
+    assert abs(out["flux_ratio_median"] - 1.0) < 0.003
+    assert abs(out["psf_size_ratio"] - 1.0) < 0.01
+    assert out["position_rms_mas"] < 5.0

@@ -54,14 +54,39 @@ def test_extra_scatter_is_measured_and_zero_point_unbiased():
     rng = np.random.default_rng(42)
     inst, inst_err, ref, ref_err, _ = make_calibration_stars(rng, n=300, frac_variable=0.0,
                                                              extra_scatter_mag=0.01)
-    cal, cal_err, stats = fit_zero_point(inst, inst_err, ref, ref_err)
+    # a constant relative scatter (colour terms, flat-field residuals): the "log" model's case
+    cal, cal_err, stats = fit_zero_point(inst, inst_err, ref, ref_err, scatter_model="log")
     assert stats["extra_scatter_mmag"] == pytest.approx(10.0, abs=2.5)
     assert abs(2.5 * np.log10(cal / TRUE_CAL)) < 0.003
     assert stats["zero_point_mag"] == pytest.approx(31.4 - 2.5 * np.log10(TRUE_CAL), abs=0.003)
     assert stats["zero_point_err_mag"] == pytest.approx(cal_err / cal * 2.5 / np.log(10), rel=1e-9)
     # Without extra scatter the term is (near) zero.
     inst, inst_err, ref, ref_err, _ = make_calibration_stars(rng, n=300, frac_variable=0.0)
+    assert fit_zero_point(inst, inst_err, ref, ref_err, scatter_model="log")[2]["extra_scatter_mmag"] < 2.0
     assert fit_zero_point(inst, inst_err, ref, ref_err)[2]["extra_scatter_mmag"] < 2.0
+
+
+def test_flux_scatter_model_resists_one_sided_contamination_of_faint_stars():
+    """Faint calibration stars carry extra light (neighbours, galaxies in the PSF stamp: a
+    flux, not a fraction, and never negative), as on the simulated DC2 detectors, where
+    the bright stars agree to 1 mmag. A constant-fraction scatter term flattens the weights
+    and lets the faint stars pull the zero point; the constant-flux term does not."""
+    offsets = {"flux": [], "log": []}
+    for seed in range(20):
+        rng = np.random.default_rng(100 + seed)
+        inst, inst_err, ref, ref_err, _ = make_calibration_stars(rng, n=40, frac_variable=0.0)
+        # half of the stars carry 0-40000 e- of extra light: up to ~5x the noise of the
+        # faintest (S/N 20) stars, < 1 % of the brightest
+        contaminated = rng.random(inst.size) < 0.5
+        inst = inst + contaminated * rng.uniform(0, 40000.0, inst.size)
+        for model, found in offsets.items():
+            cal, _, _ = fit_zero_point(inst, inst_err, ref, ref_err, scatter_model=model)
+            found.append(2500 * np.log10(cal / TRUE_CAL))
+    flux, log = np.abs(offsets["flux"]), np.abs(offsets["log"])
+    assert np.sqrt(np.mean(flux**2)) < 3.0 and np.median(flux) < 2.0
+    assert np.sqrt(np.mean(log**2)) > np.sqrt(np.mean(flux**2)) + 1.0  # the regression this guards against
+    with pytest.raises(ValueError, match="scatter_model"):
+        fit_zero_point(inst, inst_err, ref, ref_err, scatter_model="linear")
 
 
 def test_colour_term_hook():

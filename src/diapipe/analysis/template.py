@@ -16,9 +16,21 @@ import numpy as np
 
 from .truth_match import isolated, match_xy
 
-__all__ = ["coadd_metrics", "coadd_metrics_for", "transient_leak_metrics"]
+__all__ = ["coadd_metrics", "coadd_metrics_for", "local_psf", "transient_leak_metrics"]
 
 _FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
+
+
+def local_psf(psf, xy0):
+    """The coadd PSF seen from array indices: a coadd's `PixelPsf` lives in parent (tract)
+    pixels (its bbox starts at ``xy0``), while `measure_sources` / `forced_measure` pass
+    positions within the array. Evaluated at array indices, a spatially varying coadd PSF
+    would be extrapolated to a point ~``xy0`` pixels away from the patch."""
+    from ..exposure.psf import PixelPsf
+
+    x0, y0 = xy0
+    b = psf.bbox
+    return PixelPsf(psf.basis, psf.order, (b[0] - x0, b[1] - y0, b[2] - x0, b[3] - y0))
 
 
 def _mag_to_njy(mag):
@@ -26,7 +38,8 @@ def _mag_to_njy(mag):
 
 
 def transient_leak_metrics(image, variance, mask, psf, x, y, *, mirror_x=None, mirror_y=None) -> dict:
-    """Forced PSF S/N at truth transient positions on a template (local pixel coordinates).
+    """Forced PSF S/N at truth transient positions on a template (local pixel coordinates,
+    ``psf`` too: see `local_psf`).
 
     A hosted transient sits on a galaxy whose light is point-symmetric about its centre:
     when ``mirror_x/mirror_y`` (the transient position reflected through the host centre,
@@ -102,8 +115,11 @@ def coadd_metrics(coadd, truth_sky, band: str, *, leak_ids=None, n_image=None, m
     finite = np.isfinite(image) & np.isfinite(variance)
     image = np.where(finite, image, 0.0).astype(np.float32)
     variance = np.where(finite, variance, np.inf).astype(np.float32)
-    footprints = detect_sources(image, variance, mask, psf.sigma(), detection_threshold, polarity="positive")
-    cat = measure_sources(image, variance, mask, psf, footprints)
+    # measurements take array positions; the coadd PSF is in parent pixels
+    psf_local = local_psf(psf, (x0, y0))
+    footprints = detect_sources(image, variance, mask, psf.sigma(*_centre(coadd)), detection_threshold,
+                                polarity="positive")
+    cat = measure_sources(image, variance, mask, psf_local, footprints)
 
     flux_col = f"mag_{band}"
     kind = truth_sky["type"].to_numpy(str)
@@ -176,12 +192,12 @@ def coadd_metrics(coadd, truth_sky, band: str, *, leak_ids=None, n_image=None, m
         ix = np.clip(np.round(tx[trans]).astype(int), 0, nx - 1)
         iy = np.clip(np.round(ty[trans]).astype(int), 0, ny - 1)
         deep = np.asarray(n_image)[iy, ix] >= min_n_image
-    leak = transient_leak_metrics(image, variance, mask, psf, tx[trans][deep], ty[trans][deep],
+    leak = transient_leak_metrics(image, variance, mask, psf_local, tx[trans][deep], ty[trans][deep],
                                   mirror_x=mirror_x[deep], mirror_y=mirror_y[deep])
     out.update({f"transient_{k}": v for k, v in leak.items() if k != "snr"})
     out["transient_ids"] = [int(i) for i in truth_sky["id"].to_numpy()[trans][deep]]
     out["transient_snr"] = leak["snr"]
-    shallow = transient_leak_metrics(image, variance, mask, psf, tx[trans][~deep], ty[trans][~deep],
+    shallow = transient_leak_metrics(image, variance, mask, psf_local, tx[trans][~deep], ty[trans][~deep],
                                      mirror_x=mirror_x[~deep], mirror_y=mirror_y[~deep])
     out["transient_low_coverage_n"] = shallow["n_transients"]
     out["transient_low_coverage_n_above_3sigma"] = shallow["n_above_3sigma"]

@@ -8,6 +8,16 @@ we fit the ratio ``aperture_flux / psf_flux`` of bright isolated stars with a
 low-order 2-D polynomial, clip outliers (blends, cosmic rays, galaxies) and
 multiply PSF fluxes by it.
 
+Rubin stops there: the calibration flux is the 12 px aperture flux and the zero point
+absorbs the light outside it (a seeing-dependent fraction, ~1-3 % in 1.2-1.6" seeing for
+a Moffat/Kolmogorov profile, which later global calibration fixes). diapipe's zero point
+refers to total flux, so `measure_total_flux_correction` adds one more step, the curve of
+growth of the same bright stars out to a seeing-scaled radius (several FWHM), and
+`to_total_flux` folds that factor into the correction: PSF flux -> 12 px aperture flux
+-> total flux. Large apertures are only as good as the background under them: the
+characterize step estimates it with a mode statistic and grown detection masks (see
+`diapipe.calibrate.characterize`) so that faint-source light does not bias it high.
+
 Positions are 0-based pixels; ``bbox = (x_min, y_min, x_max, y_max)`` (inclusive),
 mapped to [-1, 1] for the polynomial (terms as `diapipe.exposure.psf.polynomial_terms`).
 """
@@ -19,7 +29,7 @@ import numpy as np
 from diapipe.exposure.psf import polynomial_terms
 
 __all__ = ["ApertureCorrection", "ApertureCorrectionError", "fit_aperture_correction",
-           "apply_aperture_correction"]
+           "apply_aperture_correction", "measure_total_flux_correction", "to_total_flux"]
 
 
 class ApertureCorrectionError(RuntimeError):
@@ -52,7 +62,7 @@ class ApertureCorrection:
     1.02
     """
 
-    def __init__(self, coeffs, order: int, bbox, rms: float = 0.0):
+    def __init__(self, coeffs, order: int, bbox, rms: float = 0.0, err: float = 0.0):
         coeffs = np.array(coeffs, dtype=float)
         if coeffs.shape != ((order + 1) * (order + 2) // 2,):
             raise ValueError(f"order {order} needs {(order + 1) * (order + 2) // 2} coefficients, "
@@ -64,6 +74,7 @@ class ApertureCorrection:
         self._order = int(order)
         self._bbox = tuple(float(b) for b in bbox)
         self._rms = float(rms)
+        self._err = float(err)
 
     @classmethod
     def constant(cls, value: float, bbox) -> ApertureCorrection:
@@ -74,6 +85,8 @@ class ApertureCorrection:
     order = property(lambda self: self._order, doc="Polynomial order.")
     bbox = property(lambda self: self._bbox, doc="(x_min, y_min, x_max, y_max) box mapped to [-1, 1].")
     rms = property(lambda self: self._rms, doc="Scatter of the stars about the fit.")
+    err = property(lambda self: self._err,
+                   doc="Relative 1-sigma error of the correction (common to every source it is applied to).")
 
     def _normalised(self, x, y):
         x0, y0, x1, y1 = self._bbox
@@ -89,13 +102,13 @@ class ApertureCorrection:
     def to_dict(self) -> dict:
         """Plain-type dict for YAML/JSON storage."""
         return {"coeffs": [float(c) for c in self._coeffs], "order": self._order,
-                "bbox": list(self._bbox), "rms": self._rms}
+                "bbox": list(self._bbox), "rms": self._rms, "err": self._err}
 
     @classmethod
     def from_dict(cls, data: dict) -> ApertureCorrection:
         """Inverse of `to_dict`."""
         try:
-            return cls(data["coeffs"], data["order"], data["bbox"], data.get("rms", 0.0))
+            return cls(data["coeffs"], data["order"], data["bbox"], data.get("rms", 0.0), data.get("err", 0.0))
         except KeyError as err:
             raise ValueError(f"ApertureCorrection dict lacks {err.args[0]!r}: {data!r}") from err
 
@@ -190,11 +203,14 @@ def fit_aperture_correction(x, y, aperture_flux, aperture_flux_err, psf_flux, ps
             break
         keep = new_keep
     rms = float(1.4826 * np.median(np.abs(resid[keep])))
-    correction = ApertureCorrection(coeffs, used_order, bbox, rms=rms)
+    # error of the fitted surface at a typical point: the scatter over sqrt(stars per term)
+    n_terms = (used_order + 1) * (used_order + 2) // 2
+    err = float(rms * np.sqrt(n_terms / keep.sum()) / np.mean(ratio[keep]))
+    correction = ApertureCorrection(coeffs, used_order, bbox, rms=rms, err=err)
     used = np.zeros(x.shape, dtype=bool)
     used[idx[keep]] = True
     stats = {"n_stars": int(keep.sum()), "n_rejected": int(len(idx) - keep.sum()), "order": used_order,
-             "rms": rms, "used": used}
+             "rms": rms, "err": err, "used": used}
     return correction, stats
 
 
@@ -202,3 +218,116 @@ def apply_aperture_correction(psf_flux, psf_flux_err, x, y, correction: Aperture
     """Aperture-corrected PSF fluxes and errors: both multiplied by ``correction.evaluate(x, y)``."""
     factor = correction.evaluate(x, y)
     return np.asarray(psf_flux, dtype=float) * factor, np.asarray(psf_flux_err, dtype=float) * factor
+
+
+def measure_total_flux_correction(image, variance, mask, x, y, fwhm_pix: float, *, calib_radius_pix: float = 12.0,
+                                  total_radius_fwhm: float = 3.5, n_sigma: float = 3.0, max_iter: int = 10,
+                                  min_stars: int = 3):
+    """Ratio of total flux to the ``calib_radius_pix`` aperture flux, from bright stars' curves of growth.
+
+    For each star, the flux inside ``R = max(calib_radius_pix, total_radius_fwhm * fwhm_pix)``
+    over the flux inside ``calib_radius_pix`` on the background-subtracted image; a
+    β≈4.8 Moffat (a Kolmogorov-like PSF) holds all but ~1e-4 of its light within 3.5 FWHM,
+    while 12 px is only ~1.5 FWHM in 1.6" seeing (a few per cent missing). The log ratios
+    are combined by their inverse-variance weighted median (bright stars dominate: their
+    large apertures are least affected by noise and by any background error; a median
+    because faint neighbours inside the big aperture skew fainter stars' ratios high)
+    with iterative ``n_sigma`` clipping (blends, cosmic rays).
+
+    Parameters
+    ----------
+    image, variance, mask : `numpy.ndarray`
+        Background-subtracted image (electrons), its variance and mask (NO_DATA pixels are
+        left out of the sums; apertures running off the image are not used).
+    x, y : array_like
+        Bright isolated star positions (pixels), e.g. the PSF stars.
+    fwhm_pix : `float`
+        PSF FWHM (pixels), scaling the total aperture.
+
+    Returns
+    -------
+    factor : `float`
+        Multiply calibration-aperture fluxes by it to get total fluxes (≥ 1 expected).
+    factor_err : `float`
+    stats : `dict`
+        ``n_stars`` (used), ``n_input``, ``total_radius_pix``, ``scatter`` (robust spread of
+        the used stars' log ratios), ``used`` (boolean mask over the input).
+
+    Raises
+    ------
+    ApertureCorrectionError
+        Fewer than ``min_stars`` usable stars.
+    ValueError
+        ``fwhm_pix`` not positive.
+    """
+    from diapipe.measure.measurement import aperture_flux
+
+    if not np.isfinite(fwhm_pix) or fwhm_pix <= 0:
+        raise ValueError(f"fwhm_pix must be positive and finite, got {fwhm_pix!r}")
+    x = np.atleast_1d(np.asarray(x, dtype=float))
+    y = np.atleast_1d(np.asarray(y, dtype=float))
+    r_tot = float(max(calib_radius_pix, total_radius_fwhm * fwhm_pix))
+    aps = aperture_flux(image, variance, x, y, (float(calib_radius_pix), r_tot), mask)
+    ap_cal, ap_cal_err, flag_cal = aps[float(calib_radius_pix)]
+    total, total_err, flag_tot = aps[r_tot]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = total / ap_cal
+        # the inner aperture is part of the outer one: the ratio's noise is that of the ring
+        # between them (plus the inner flux's own, second order)
+        ring_var = np.clip(total_err**2 - ap_cal_err**2, 0.0, None)
+        ratio_err = np.sqrt(ring_var + (ratio - 1.0) ** 2 * ap_cal_err**2) / ap_cal
+        valid = (np.isfinite(ratio) & np.isfinite(ratio_err) & (ratio_err > 0) & (ap_cal > 0) & (total > 0)
+                 & ~np.asarray(flag_cal, bool) & ~np.asarray(flag_tot, bool))
+    idx = np.flatnonzero(valid)
+    stats = {"n_input": int(x.size), "total_radius_pix": r_tot}
+    if len(idx) < min_stars:
+        raise ApertureCorrectionError(f"only {len(idx)} stars with a usable curve of growth to "
+                                      f"{r_tot:.1f} px (positive fluxes, inside the image); need {min_stars}",
+                                      n_stars=len(idx), threshold=min_stars)
+    r = np.log(ratio[idx])
+    var = (ratio_err[idx] / ratio[idx]) ** 2
+    keep = np.ones(len(idx), dtype=bool)
+    centre = _weighted_median(r, 1.0 / var)
+    for _ in range(max_iter):
+        z = (r - centre) / np.sqrt(var)
+        z_scale = max(1.0, 1.4826 * np.median(np.abs(z[keep])))
+        new_keep = np.abs(z) <= n_sigma * z_scale
+        if new_keep.sum() < min_stars:
+            raise ApertureCorrectionError(f"only {new_keep.sum()} curve-of-growth stars survive clipping; "
+                                          f"need {min_stars}", n_stars=int(new_keep.sum()), threshold=min_stars)
+        converged = np.array_equal(new_keep, keep)
+        keep = new_keep
+        centre = _weighted_median(r[keep], 1.0 / var[keep])
+        if converged:
+            break
+    w = 1.0 / var[keep]
+    chi2_dof = np.sum(w * (r[keep] - centre) ** 2) / max(keep.sum() - 1, 1)
+    # error of a weighted median: ~1.25 x that of the weighted mean, inflated by the excess scatter
+    centre_err = 1.2533 / np.sqrt(np.sum(w)) * np.sqrt(max(chi2_dof, 1.0))
+    used = np.zeros(x.shape, dtype=bool)
+    used[idx[keep]] = True
+    resid = r[keep] - centre
+    factor = float(np.exp(centre))
+    stats.update({"n_stars": int(keep.sum()), "used": used,
+                  "scatter": float(1.4826 * np.median(np.abs(resid - np.median(resid))))})
+    return factor, float(factor * centre_err), stats
+
+
+def _weighted_median(values, weights) -> float:
+    """Weighted median: the value where the cumulative weight (sorted by value) reaches half,
+    interpolated between neighbouring values."""
+    order = np.argsort(values)
+    v = np.asarray(values, float)[order]
+    w = np.asarray(weights, float)[order]
+    cum = np.cumsum(w) - 0.5 * w
+    return float(np.interp(0.5 * w.sum(), cum, v))
+
+
+def to_total_flux(correction: ApertureCorrection, factor: float, factor_err: float = 0.0) -> ApertureCorrection:
+    """The aperture correction times a constant curve-of-growth ``factor`` ± ``factor_err``
+    (`measure_total_flux_correction`): PSF flux -> total flux; the relative errors add in
+    quadrature."""
+    if not np.isfinite(factor) or factor <= 0:
+        raise ValueError(f"curve-of-growth factor must be positive and finite, got {factor!r}")
+    return ApertureCorrection(correction.coeffs * factor, correction.order, correction.bbox,
+                              rms=correction.rms * factor, err=float(np.hypot(correction.err, factor_err / factor)))

@@ -137,6 +137,10 @@ def calibrate_image(
         ref_flux[ref_index][phot],
         ref_flux_err[ref_index][phot],
     )
+    if aperture_correction is not None:
+        # the aperture correction scales every calibration star alike: its error does not
+        # average down with the number of stars and belongs to the calibration's error
+        calibration_err = float(np.hypot(calibration_err, calibration * aperture_correction.err))
     photo_calib = PhotoCalib(calibration, calibration_err)
     used_photometry = np.zeros(len(catalog), dtype=bool)
     used_idx = src_index[phot][np.asarray(phot_stats.get("used", np.ones(phot.sum(), bool)), bool)]

@@ -5,10 +5,17 @@ electron (calexps are in electrons), as Rubin's PhotoCalib. It is fitted as an
 inverse-variance weighted mean of the log flux ratios ``ln(ref / inst)`` of
 matched stars, with:
 
-- an extra scatter term :math:`s` added in quadrature to each star's error and
-  chosen so the reduced χ² is 1 (Paule–Mandel), so that unmodelled scatter
-  (colour terms, flat-field residuals) neither biases the weights toward the
-  brightest stars nor understates the error;
+- an extra scatter term added in quadrature to each star's error and chosen so
+  the reduced χ² is 1 (Paule–Mandel), so that unmodelled scatter neither
+  gives some stars absurd weights nor understates the error. By default
+  (``scatter_model="flux"``) the term is a constant *flux* :math:`s` (electrons),
+  i.e. :math:`s / F_i` in the log ratio: the excess scatter of real calibration
+  stars is mostly additive light — faint neighbours and galaxies inside the PSF
+  stamp, background errors — which matters for faint stars and not for bright
+  ones. A constant log-ratio term (``"log"``; colour terms, flat-field residuals)
+  flattens the weights instead, and then the many faint stars, whose
+  contamination is one-sided (it only adds flux), pull the zero point by up to
+  ~10 mmag on a detector where the bright stars agree to 1 mmag;
 - iterative clipping of stars beyond ``n_sigma`` of that total error (variable
   stars, blends, mismatches), starting from the median so gross outliers cannot
   pull the first estimate.
@@ -77,12 +84,14 @@ def reference_flux_err_column(band: str, filter_map: dict[str, str] | None = Non
     return reference_flux_column(band, filter_map) + "Err"
 
 
-def _weighted_mean_with_scatter(r, var):
-    """Weighted mean of ``r`` and extra variance ``s2`` making the reduced chi^2 one."""
+def _weighted_mean_with_scatter(r, var, scale=None):
+    """Weighted mean of ``r`` and extra variance ``s2 * scale`` making the reduced chi^2 one
+    (``scale`` per point, default 1)."""
     n = len(r)
+    scale = np.ones_like(r) if scale is None else np.asarray(scale, float)
 
     def mean_for(s2):
-        w = 1.0 / (var + s2)
+        w = 1.0 / (var + s2 * scale)
         return np.sum(w * r) / np.sum(w), w
 
     def excess(s2):
@@ -91,7 +100,7 @@ def _weighted_mean_with_scatter(r, var):
 
     s2 = 0.0
     if n > 2 and excess(0.0) > 0:
-        hi = max(np.var(r), 1e-12)
+        hi = max(np.var(r) / np.min(scale), 1e-12)
         while excess(hi) > 0:
             hi *= 4
         from scipy import optimize  # lazy (import time of the task modules)
@@ -103,7 +112,7 @@ def _weighted_mean_with_scatter(r, var):
 
 def fit_zero_point(inst_flux, inst_flux_err, ref_flux_njy, ref_flux_err_njy=None, *, n_sigma: float = 3.0,
                    max_iter: int = 10, min_stars: int = 5, min_snr: float = 5.0,
-                   ref_colour_mag=None, colour_term_coeffs=None):
+                   ref_colour_mag=None, colour_term_coeffs=None, scatter_model: str = "flux"):
     """Calibration (nJy per electron) from matched stars.
 
     Parameters
@@ -125,6 +134,9 @@ def fit_zero_point(inst_flux, inst_flux_err, ref_flux_njy, ref_flux_err_njy=None
     ref_colour_mag, colour_term_coeffs : array_like, optional
         Colour-term hook: the reference magnitudes are corrected by
         ``sum_k coeffs[k] * colour**k`` (``colour`` per star, mag) before the fit.
+    scatter_model : {"flux", "log"}
+        Form of the fitted extra scatter: a constant flux (relative error ``s / F``,
+        the default) or a constant relative error (see the module docstring).
 
     Returns
     -------
@@ -151,6 +163,8 @@ def fit_zero_point(inst_flux, inst_flux_err, ref_flux_njy, ref_flux_err_njy=None
     >>> bool(abs(cal / 2.5 - 1) < 0.005)
     True
     """
+    if scatter_model not in ("flux", "log"):
+        raise ValueError(f"scatter_model must be 'flux' or 'log', got {scatter_model!r}")
     inst = np.asarray(inst_flux, dtype=float)
     inst_err = np.asarray(inst_flux_err, dtype=float)
     ref = np.asarray(ref_flux_njy, dtype=float)
@@ -174,6 +188,8 @@ def fit_zero_point(inst_flux, inst_flux_err, ref_flux_njy, ref_flux_err_njy=None
                               f"S/N >= {min_snr:g}); need {min_stars}", n_stars=len(idx), threshold=min_stars)
     r = np.log(ref[idx] / inst[idx])
     var = (inst_err[idx] / inst[idx]) ** 2 + (ref_err[idx] / ref[idx]) ** 2
+    # extra variance per star in units of s2: (median flux / flux)^2 for a constant flux s
+    scale = (np.median(inst[idx]) / inst[idx]) ** 2 if scatter_model == "flux" else np.ones_like(r)
     # Robust start: median and the robust spread of normalised residuals.
     centre = np.median(r)
     z = (r - centre) / np.sqrt(var)
@@ -184,8 +200,8 @@ def fit_zero_point(inst_flux, inst_flux_err, ref_flux_njy, ref_flux_err_njy=None
         if keep.sum() < min_stars:
             raise PhotometryError(f"only {keep.sum()} calibration stars survive {n_sigma:g}-sigma clipping; "
                                   f"need {min_stars}", n_stars=int(keep.sum()), threshold=min_stars)
-        centre, centre_err, s2 = _weighted_mean_with_scatter(r[keep], var[keep])
-        new_keep = np.abs(r - centre) <= n_sigma * np.sqrt(var + s2)
+        centre, centre_err, s2 = _weighted_mean_with_scatter(r[keep], var[keep], scale[keep])
+        new_keep = np.abs(r - centre) <= n_sigma * np.sqrt(var + s2 * scale)
         if np.array_equal(new_keep, keep):
             break
         keep = new_keep
@@ -201,6 +217,7 @@ def fit_zero_point(inst_flux, inst_flux_err, ref_flux_njy, ref_flux_err_njy=None
         "zero_point_mag": float(_AB_NJY_ZP - 2.5 * np.log10(calibration)),
         "zero_point_err_mag": float(centre_err / _LN10_04),
         "scatter_mmag": float(1.4826 * np.median(np.abs(resid - np.median(resid))) / _LN10_04 * 1e3),
+        # at the median flux of the stars used (the same everywhere for scatter_model="log")
         "extra_scatter_mmag": float(np.sqrt(s2) / _LN10_04 * 1e3),
         "used": used,
     }
