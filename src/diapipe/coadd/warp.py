@@ -222,7 +222,7 @@ def warp_image(
     grid_step: int = 32,
     mask_weight_threshold: float = 0.05,
     full_footprint_planes=("NO_DATA",),
-    block_rows: int = 128,
+    block_rows: int = 16,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Resample (image, variance, mask) from ``src_wcs`` onto the ``dst_wcs`` pixel grid.
 
