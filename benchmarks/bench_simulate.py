@@ -7,11 +7,15 @@ Issue 3 asks for "seconds, not minutes" per full detector. Times, in one process
   raw, truth PSF model and summary;
 - and its stages on their own: ``render`` (`render_detector`, sky + sources in electrons),
   ``signature`` (`apply_detector_signature`: flat, dark, Poisson, cosmic rays, bleed, readout),
-  ``write`` (`write_exposure` of the raw).
+  ``write`` (`write_raw`: the lean int32 RICE-compressed raw).
 
-Peak memory: the process's peak RSS (``resource.getrusage``, includes ~0.3 GB of imports) and, in a
-separate traced run, the peak of Python/numpy allocations during the worker (``tracemalloc``; the
-traced run is slower and is not timed). Prints a table and writes JSON to
+Peak memory: the process's peak RSS (``resource.getrusage``, includes ~0.3 GB of imports); the peak
+RSS of a forked child that runs the worker once, as each ``diapipe simulate -j N`` process does
+(VmHWM after resetting it at the start; the worker's own part is the peak minus the RSS at fork;
+counts only pages touched); and, in a
+separate traced run, the peak of Python/numpy allocations during the worker (``tracemalloc``; counts
+allocations whether touched or not, e.g. the zero mask of an in-memory raw; the traced run is slower
+and is not timed). Prints a table and writes JSON to
 ``benchmarks/results/simulate-<date>.json``.
 
     .venv/bin/python benchmarks/bench_simulate.py [--repeat 2] [--json PATH]
@@ -33,7 +37,7 @@ import tracemalloc
 import numpy as np
 
 from diapipe.exposure.exposure import Exposure
-from diapipe.exposure.fits import write_exposure
+from diapipe.exposure.fits import write_raw
 from diapipe.instrument.camera import Camera, detector_wcs
 from diapipe.sim.observing import make_visits
 from diapipe.sim.presets import get_preset
@@ -93,7 +97,7 @@ def _time_stages(preset, visit, sky, staging, seed):
     t1 = time.perf_counter()
     raw = apply_detector_signature(rendered.image, detector, visit.exposure_time_s, rng)
     t2 = time.perf_counter()
-    write_exposure(Exposure(image=raw, wcs=wcs), os.path.join(staging, "stage_raw.fits"))
+    write_raw(Exposure(image=raw, wcs=wcs), os.path.join(staging, "stage_raw.fits"))
     t3 = time.perf_counter()
     n_drawn = int(rendered.truth["drawn"].sum())
     n_on = int((rendered.truth["drawn"] & rendered.truth["on_detector"]).sum())
@@ -102,12 +106,48 @@ def _time_stages(preset, visit, sky, staging, seed):
 
 def _worker(preset, visit, sky, staging, seed):
     task = (preset, visit, DETECTOR, sky, seed, (visit.boresight_ra, visit.boresight_dec), staging)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     _, _, path, truth, _, _ = _simulate_detector_visit(task)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     size_mb = os.path.getsize(path) / 1e6
     os.remove(path)
-    return seconds, len(truth), size_mb
+    return seconds, len(truth), size_mb, cpu_seconds
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024.0  # kB
+
+
+def _child_worker(preset, visit, sky, staging, seed, out_path):
+    try:  # reset the high-water mark to the current RSS (Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    start = _status_mb("VmRSS")
+    _worker(preset, visit, sky, staging, seed)
+    with open(out_path, "w") as f:
+        json.dump({"rss_at_start_mb": start, "peak_rss_mb": _status_mb("VmHWM")}, f)
+
+
+def _forked_worker_rss_mb(preset, visit, sky, staging, seed) -> tuple[float, float]:
+    """(peak RSS, peak RSS minus RSS at start) in MB of a forked child running the worker once,
+    as a ``-j`` pool process does; the difference is what the worker itself adds."""
+    import multiprocessing
+
+    out_path = os.path.join(staging, "child_rss.json")
+    child = multiprocessing.get_context("fork").Process(
+        target=_child_worker, args=(preset, visit, sky, staging, seed, out_path)
+    )
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise RuntimeError(f"forked worker failed with exit code {child.exitcode}")
+    with open(out_path) as f:
+        data = json.load(f)
+    return data["peak_rss_mb"], data["peak_rss_mb"] - data["rss_at_start_mb"]
 
 
 def main() -> None:
@@ -127,9 +167,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as staging:
         for k in range(args.repeat):
             stages, n_drawn, n_on, raw_shape = _time_stages(preset, visit, sky, staging, seed=10 + k)
-            worker_s, n_truth, size_mb = _worker(preset, visit, sky, staging, seed=10 + k)
-            rows.append({"worker_s": worker_s, **{f"{k}_s": v for k, v in stages.items()}})
+            worker_s, n_truth, size_mb, worker_cpu_s = _worker(preset, visit, sky, staging, seed=10 + k)
+            rows.append({"worker_s": worker_s, "worker_cpu_s": worker_cpu_s,
+                         **{f"{k}_s": v for k, v in stages.items()}})  # fmt: skip
         rss_peak = _rss_mb()
+        child_rss, child_added = _forked_worker_rss_mb(preset, visit, sky, staging, seed=98)
         tracemalloc.start()
         _worker(preset, visit, sky, staging, seed=99)
         _, traced_peak = tracemalloc.get_traced_memory()
@@ -154,19 +196,23 @@ def main() -> None:
         "sky_catalog_s": sky_seconds,
         "runs": rows,
         "worker_s_median": float(np.median([r["worker_s"] for r in rows])),
+        "worker_cpu_s_median": float(np.median([r["worker_cpu_s"] for r in rows])),
         "peak_rss_mb": rss_peak,
         "rss_after_imports_mb": rss_start,
+        "forked_worker_peak_rss_mb": child_rss,
+        "forked_worker_added_rss_mb": child_added,
         "tracemalloc_peak_mb_worker": traced_peak / 1e6,
     }
     print(f"full-size detector-visit ({result['image_shape'][1]} x {result['image_shape'][0]} px, raw "
           f"{raw_shape[1]} x {raw_shape[0]}), band {visit.band}, {n_drawn} objects drawn ({n_on} centred on "
           f"the detector), PSF FWHM {visit.psf_fwhm_arcsec:.2f}\"")  # fmt: skip
-    print(f"{'run':>4} {'worker s':>9} {'render s':>9} {'signature s':>12} {'write s':>8}")
+    print(f"{'run':>4} {'worker s':>9} {'worker CPU s':>13} {'render s':>9} {'signature s':>12} {'write s':>8}")
     for i, r in enumerate(rows):
-        print(
-            f"{i:>4} {r['worker_s']:9.2f} {r['render_s']:9.2f} {r['signature_s']:12.2f} {r['write_s']:8.2f}"
-        )
-    print(f"peak RSS {rss_peak:.0f} MB (after imports {rss_start:.0f} MB); tracemalloc peak of one worker "
+        print(f"{i:>4} {r['worker_s']:9.2f} {r['worker_cpu_s']:13.2f} {r['render_s']:9.2f} "
+              f"{r['signature_s']:12.2f} {r['write_s']:8.2f}")  # fmt: skip
+    print(f"peak RSS {rss_peak:.0f} MB (after imports {rss_start:.0f} MB); forked worker peak RSS {child_rss:.0f} MB "
+          f"({child_added:.0f} MB above its RSS at fork); "
+          f"tracemalloc peak of one worker "
           f"{traced_peak / 1e6:.0f} MB; raw FITS {size_mb:.0f} MB; load average before {load_before[0]:.2f}, "
           f"after {load_after[0]:.2f}")  # fmt: skip
     out = args.json or os.path.join(

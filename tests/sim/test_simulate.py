@@ -469,6 +469,40 @@ def test_vignetting_and_bleed_trails_from_the_worker(tiny_preset, tmp_path):
     assert height > 3 * width  # a vertical trail, not a round blob
 
 
+def test_raws_in_the_repository_are_lean_and_isr_reads_them_like_three_plane_raws(sim_repo, processed, detector,
+                                                                                  tmp_path):
+    """Raws hold an int32 RICE-compressed image and a header only (no mask/variance planes), are
+    ~1 byte per pixel, and ISR of the lean file equals ISR of the same pixels in the old layout."""
+    from astropy.io import fits
+
+    from diapipe.exposure.fits import RAW_LAYOUT, write_exposure
+
+    visit = sim_repo.summary.visits[0]
+    uri = sim_repo.butler.getURI(
+        "raw", instrument=INSTRUMENT, exposure=visit, detector=DETECTOR, collections=RAW_COLLECTION
+    )
+    raw = processed[visit]["raw"]
+    with fits.open(uri.ospath) as hdul:
+        assert [h.name for h in hdul] == ["PRIMARY", "IMAGE", "ARCHIVE"]
+        assert isinstance(hdul["IMAGE"], fits.CompImageHDU) and hdul["IMAGE"].data.dtype.kind == "i"
+        header = hdul[0].header
+        assert header["DPLAYOUT"] == RAW_LAYOUT
+        assert header["DETNAME"] == detector.name and header["DETECTOR"] == DETECTOR
+        assert header["EXPTIME"] == raw.visit_info.exposure_time_s and header["FILTER"] == "g_sim_1.4"
+    # ~17 MB for a full-size raw instead of 214 MB: under 1.5 bytes per pixel (3 planes took 12)
+    assert os.path.getsize(uri.ospath) < 1.5 * raw.image.size
+    assert raw.image.shape == detector.raw_shape and np.all(raw.image == np.rint(raw.image))
+    old_path = tmp_path / "three_planes.fits"
+    write_exposure(raw, old_path)
+    old = read_exposure(old_path)
+    calibs = processed[visit]["calibs"]
+    for lean_plane, old_plane in zip(
+        (processed[visit]["image"], processed[visit]["mask"], processed[visit]["variance"]),
+        run_isr(old.image, detector, exposure_time_s=old.visit_info.exposure_time_s, **calibs),
+    ):
+        np.testing.assert_array_equal(lean_plane, old_plane)
+
+
 # --------------------------------------------------------------------------- 6. observation metadata
 def test_exposure_and_visit_records_match_raw_visit_info(sim_repo, processed):
     registry = sim_repo.butler.registry

@@ -19,7 +19,7 @@ from lsst.daf.butler import FormatterV2, StorageClassDelegate
 from lsst.resources import ResourcePath
 
 from ..exposure.exposure import Exposure
-from ..exposure.fits import COMPONENTS, read_exposure, write_exposure
+from ..exposure.fits import COMPONENTS, read_exposure, write_exposure, write_raw
 
 __all__ = ["ExposureFormatter", "ExposureDelegate", "SkyMapFormatter", "ArraysFormatter", "PsfFormatter"]
 
@@ -28,7 +28,9 @@ class ExposureFormatter(FormatterV2):
     """Multi-extension FITS exposures; components are read alone.
 
     Read parameter ``bbox`` = (x0, y0, width, height) in parent pixels reads
-    only that part of the image planes.
+    only that part of the image planes. Datasets of type ``raw`` are written
+    lean (`diapipe.exposure.fits.write_raw`: int32 RICE-compressed image and
+    header, no mask or variance); reading handles both layouts.
     """
 
     default_extension = ".fits"
@@ -44,7 +46,10 @@ class ExposureFormatter(FormatterV2):
     def write_local_file(self, in_memory_dataset: Any, uri: ResourcePath) -> None:
         if not isinstance(in_memory_dataset, Exposure):
             raise TypeError(f"ExposureFormatter writes diapipe Exposure objects, not {type(in_memory_dataset)}")
-        write_exposure(in_memory_dataset, uri.ospath)
+        if self.dataset_ref.datasetType.nameAndComponent()[0] == "raw" and in_memory_dataset.psf is None:
+            write_raw(in_memory_dataset, uri.ospath)
+        else:
+            write_exposure(in_memory_dataset, uri.ospath)
 
 
 class ExposureDelegate(StorageClassDelegate):

@@ -21,6 +21,11 @@ Conventions shared with :mod:`diapipe.isr.algorithms` (the inverse):
   charge above it bleeds along the column, conserving charge except off the detector edge.
 - Raw output: float32 ADU rounded to integers, raw layout of
   :class:`diapipe.instrument.camera.Detector` (prescan, serial and parallel overscan included).
+
+Memory: a full 4072 x 4000 detector is 16 M pixels, 65 MB per float32 frame. The chain works in
+float32 (electron counts up to 2^24 are exact; full well is 1e5 e-) and in place, draws Poisson
+deviates by row blocks and never builds full-frame per-amplifier images (gain, bias pattern), so a
+detector-visit peaks at a few float32 frames instead of a dozen float64 ones.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ __all__ = [
     "make_flat",
     "make_master_bias",
     "make_master_dark",
+    "poisson_inplace",
     "true_dark_rate",
     "true_flat",
 ]
@@ -60,10 +66,19 @@ def _truth_rng(detector: Detector, stream: int) -> np.random.Generator:
     return np.random.default_rng([31337, detector.id, stream])
 
 
-def _focal_plane_radius(detector: Detector) -> np.ndarray:
-    # broadcasting (ny, 1) x (1, nx) avoids building two full coordinate grids
-    xmm, ymm = detector.pixel_to_focal_plane(np.arange(detector.nx)[None, :], np.arange(detector.ny)[:, None])
-    return np.hypot(xmm, ymm)
+def _focal_plane_radius(detector: Detector, rows_per_block: int = 128) -> np.ndarray:
+    """Focal-plane radius (mm, float32, assembled) of every pixel.
+
+    Computed by blocks of rows: the float64 focal-plane coordinates of a whole frame would be
+    four full float64 frames; float32 is ample for the result (radius to ~1e-5 mm).
+    """
+    out = np.empty(detector.shape, dtype=np.float32)
+    x = np.arange(detector.nx)[None, :]
+    for y0 in range(0, detector.ny, rows_per_block):
+        y = np.arange(y0, min(y0 + rows_per_block, detector.ny))[:, None]
+        xmm, ymm = detector.pixel_to_focal_plane(x, y)
+        out[y0 : y0 + rows_per_block] = np.hypot(xmm, ymm)
+    return out
 
 
 def _defect_columns(detector: Detector) -> list[tuple[int, str]]:
@@ -77,18 +92,28 @@ def _defect_columns(detector: Detector) -> list[tuple[int, str]]:
 
 
 def true_flat(detector: Detector) -> np.ndarray:
-    """True relative response (float64, assembled): vignetting x per-amp gain/QE steps x pixel response.
+    """True relative response (float32, assembled): vignetting x per-amp gain/QE steps x pixel response.
 
     Vignetting: 1 inside r = 200 mm, then ``1 - 0.12 ((r - 200) / 130)^2``. Per-amp factor: normal
     with sigma 0.5%. Per-pixel: normal with sigma 1%. Dead columns respond at 2%.
+    Built in place in one float32 frame (plus the random frame) for memory.
     """
-    r = _focal_plane_radius(detector)
-    vignetting = 1.0 - VIGNETTING_DEPTH * (np.clip(r - VIGNETTING_START_MM, 0.0, None)
-                                           / (VIGNETTING_EDGE_MM - VIGNETTING_START_MM)) ** 2  # fmt: skip
+    flat = _focal_plane_radius(detector)
+    flat -= VIGNETTING_START_MM
+    np.clip(flat, 0.0, None, out=flat)
+    flat *= 1.0 / (VIGNETTING_EDGE_MM - VIGNETTING_START_MM)
+    np.square(flat, out=flat)
+    flat *= -VIGNETTING_DEPTH
+    flat += 1.0
     rng = _truth_rng(detector, 1)
     amp_factor = 1.0 + 0.005 * rng.standard_normal(len(detector.amplifiers))
-    pixel = 1.0 + 0.01 * rng.standard_normal(detector.shape)
-    flat = vignetting * amp_factor[detector.amp_index_image()] * pixel
+    pixel = rng.standard_normal(detector.shape, dtype=np.float32)
+    pixel *= 0.01
+    pixel += 1.0
+    flat *= pixel
+    del pixel
+    for amp in detector.amplifiers:
+        flat[box_slices(amp.bbox)] *= np.float32(amp_factor[amp.index])
     for x, kind in _defect_columns(detector):
         if kind == "dead":
             flat[:, x] = DEAD_COLUMN_RESPONSE
@@ -96,9 +121,9 @@ def true_flat(detector: Detector) -> np.ndarray:
 
 
 def true_dark_rate(detector: Detector) -> np.ndarray:
-    """True dark current (e-/s, assembled): 0.02 e-/s/px, a few hot pixels, hot columns at 3 e-/s."""
+    """True dark current (e-/s, float32, assembled): 0.02 e-/s/px, a few hot pixels, hot columns at 3 e-/s."""
     rng = _truth_rng(detector, 2)
-    dark = np.full(detector.shape, DARK_CURRENT_E_PER_S)
+    dark = np.full(detector.shape, DARK_CURRENT_E_PER_S, dtype=np.float32)
     n_hot = rng.poisson(20 * dark.size / FULL_CCD_AREA_PX)
     ys, xs = rng.integers(0, detector.ny, n_hot), rng.integers(0, detector.nx, n_hot)
     dark[ys, xs] += rng.uniform(0.5, 20.0, n_hot)
@@ -108,22 +133,53 @@ def true_dark_rate(detector: Detector) -> np.ndarray:
     return dark
 
 
+def _bias_profiles_adu(detector: Detector) -> list[np.ndarray]:
+    """Per amplifier (in ``detector.amplifiers`` order): the column profile (ADU) of the fixed bias
+    structure, in assembled orientation over the amp's ``bbox`` columns."""
+    rng = _truth_rng(detector, 3)
+    profiles = []
+    for amp in detector.amplifiers:
+        w = amp.bbox[2]
+        raw_cols = np.arange(w)
+        profile = 0.5 * rng.standard_normal(w) + 3.0 * np.exp(-raw_cols / 4.0)
+        profiles.append(profile[::-1] if amp.flip_x else profile)
+    return profiles
+
+
 def bias_pattern_adu(detector: Detector) -> np.ndarray:
     """Fixed 2-D bias structure (ADU, assembled) that the overscan does not see.
 
     Per-column offsets (sigma 0.5 ADU) plus a 3 ADU excess decaying over the first ~10 columns
     read by each amplifier (the readout side), as seen in real ITL biases.
     """
-    rng = _truth_rng(detector, 3)
     out = np.zeros(detector.shape)
-    for amp in detector.amplifiers:
+    for amp, profile in zip(detector.amplifiers, _bias_profiles_adu(detector)):
         x0, y0, w, h = amp.bbox
-        raw_cols = np.arange(w)
-        profile = 0.5 * rng.standard_normal(w) + 3.0 * np.exp(-raw_cols / 4.0)
-        if amp.flip_x:
-            profile = profile[::-1]
         out[y0 : y0 + h, x0 : x0 + w] = profile[None, :]
     return out
+
+
+def _amp_value_image32(detector: Detector, attribute: str) -> np.ndarray:
+    """`Detector.amp_value_image` in float32 (half the memory of the float64 one)."""
+    out = np.empty(detector.shape, dtype=np.float32)
+    for amp in detector.amplifiers:
+        out[box_slices(amp.bbox)] = float(getattr(amp, attribute))
+    return out
+
+
+def poisson_inplace(image: np.ndarray, rng: np.random.Generator, rows_per_block: int = 256) -> np.ndarray:
+    """Replace every pixel of the float ``image`` by a Poisson deviate of that mean, in place.
+
+    Drawn by blocks of rows so that the int64 deviates never take a full frame; the generator is
+    consumed pixel by pixel in C order, so the result equals ``rng.poisson(image)`` drawn at once.
+    Returns ``image``.
+    """
+    if not np.issubdtype(image.dtype, np.floating):
+        raise TypeError(f"poisson_inplace needs a float image, got {image.dtype}")
+    for y0 in range(0, image.shape[0], rows_per_block):
+        block = image[y0 : y0 + rows_per_block]
+        block[...] = rng.poisson(block)
+    return image
 
 
 def make_flat(detector: Detector, rng: np.random.Generator, noise: float = 5e-4) -> np.ndarray:
@@ -164,14 +220,21 @@ def add_cosmic_rays(
     rng: np.random.Generator,
     rate_per_s_per_ccd: float = COSMIC_RAY_RATE_PER_S_PER_CCD,
     mean_charge_e: float = 3000.0,
+    inplace: bool = False,
 ) -> tuple[np.ndarray, list[tuple[float, float]]]:
-    """Add cosmic-ray tracks; returns ``(new_image, [(x, y) of each track start])``.
+    """Add cosmic-ray tracks; returns ``(image, [(x, y) of each track start])``.
 
     Count ~ Poisson(rate x exposure x detector area / full ITL area). Each track is a straight
     segment of 1-10 px at a random angle carrying exponential-distributed total charge
     (mean ``mean_charge_e``), deposited by bilinear splatting of sub-pixel samples.
+    ``inplace=True`` adds to ``electrons`` itself (a float array), else to a float64 copy.
     """
-    out = np.array(electrons, dtype=float, copy=True)
+    if inplace:
+        if not np.issubdtype(electrons.dtype, np.floating):
+            raise TypeError(f"add_cosmic_rays(inplace=True) needs a float image, got {electrons.dtype}")
+        out = electrons
+    else:
+        out = np.array(electrons, dtype=float, copy=True)
     ny, nx = out.shape
     n = rng.poisson(rate_per_s_per_ccd * exposure_time_s * (nx * ny) / FULL_CCD_AREA_PX)
     starts = []
@@ -193,12 +256,18 @@ def add_cosmic_rays(
     return out, starts
 
 
-def bleed_saturation(electrons: np.ndarray, full_well_e: np.ndarray) -> np.ndarray:
+def bleed_saturation(electrons: np.ndarray, full_well_e: np.ndarray, inplace: bool = False) -> np.ndarray:
     """Cap pixels at the full well and spread the excess along the column (half up, half down).
 
     Charge is conserved except what bleeds off the top or bottom edge of the detector.
+    ``inplace=True`` works on ``electrons`` itself (a float array), else on a float64 copy.
     """
-    out = np.array(electrons, dtype=float, copy=True)
+    if inplace:
+        if not np.issubdtype(electrons.dtype, np.floating):
+            raise TypeError(f"bleed_saturation(inplace=True) needs a float image, got {electrons.dtype}")
+        out = electrons
+    else:
+        out = np.array(electrons, dtype=float, copy=True)
     cap = np.broadcast_to(full_well_e, out.shape)
     for x in np.flatnonzero((out > cap).any(axis=0)):
         col, ccap = out[:, x], cap[:, x]
@@ -206,7 +275,7 @@ def bleed_saturation(electrons: np.ndarray, full_well_e: np.ndarray) -> np.ndarr
         # contiguous runs of over-full pixels
         edges = np.flatnonzero(np.diff(np.concatenate([[0], over.astype(np.int8), [0]])))
         for a, b in zip(edges[::2], edges[1::2]):  # run is [a, b)
-            excess = float(np.sum(col[a:b] - ccap[a:b]))
+            excess = float(np.sum(col[a:b] - ccap[a:b], dtype=np.float64))
             col[a:b] = ccap[a:b]
             _spill(col, ccap, np.arange(b, col.size), excess / 2.0)
             _spill(col, ccap, np.arange(a - 1, -1, -1), excess / 2.0)
@@ -218,7 +287,7 @@ def _spill(col: np.ndarray, cap: np.ndarray, order: np.ndarray, charge: float) -
     if order.size == 0 or charge <= 0:
         return
     room = np.clip(cap[order] - col[order], 0.0, None)
-    filled = np.cumsum(room)
+    filled = np.cumsum(room, dtype=np.float64)
     k = int(np.searchsorted(filled, charge))
     col[order[:k]] = cap[order[:k]]
     if k < order.size:
@@ -237,27 +306,35 @@ def electrons_to_raw(
     Every row of an amplifier (prescan, data, serial overscan; parallel overscan rows too) gets
     the amp's bias level, a per-exposure offset (sigma 1 ADU) and a slow drift along the readout
     (a random-phase sinusoid of amplitude ``bias_drift_adu`` and period 3000-10000 rows, plus a
-    linear ramp of up to ``bias_drift_adu`` per 2048 rows), which the serial overscan sees. Output is float32 ADU rounded to integers and clipped to 18 bits.
+    linear ramp of up to ``bias_drift_adu`` per 2048 rows), which the serial overscan sees.
+    Output is float32 ADU rounded to integers and clipped to 18 bits. Works amplifier by
+    amplifier into one float32 raw frame (no full-frame temporaries).
     """
     if electrons.shape != detector.shape:
         raise ValueError(f"Electron image for {detector.name} has shape {electrons.shape}, "
                          f"expected {detector.shape}")  # fmt: skip
-    raw = np.zeros(detector.raw_shape)
-    pattern = bias_pattern_adu(detector) if include_bias_pattern else None
-    for amp in detector.amplifiers:
-        data = electrons[box_slices(amp.bbox)] / amp.gain
-        if pattern is not None:
-            data = data + pattern[box_slices(amp.bbox)]
+    raw = np.zeros(detector.raw_shape, dtype=np.float32)
+    profiles = _bias_profiles_adu(detector) if include_bias_pattern else None
+    for k, amp in enumerate(detector.amplifiers):
+        data = electrons[box_slices(amp.bbox)] / np.float32(amp.gain)
+        if profiles is not None:
+            data += profiles[k][None, :].astype(np.float32)
         raw[box_slices(amp.raw_data_bbox)] = detector.raw_to_assembled(data, amp)
+        del data
         x0, y0, w, h = amp.raw_bbox
         rows = np.arange(h)
         period = rng.uniform(3000.0, 10000.0)  # rows: slow compared with an amplifier's 2048
         drift = (bias_drift_adu * np.sin(2 * np.pi * (rows / period + rng.uniform()))
                  + rng.uniform(-1, 1) * bias_drift_adu * rows / 2048.0)  # fmt: skip
         level = amp.bias_level_adu + rng.normal(0.0, 1.0) + drift
-        block = raw[y0 : y0 + h, x0 : x0 + w]
-        block += level[:, None] + amp.read_noise_adu * rng.standard_normal((h, w))
-    return np.clip(np.rint(raw), 0, 2**18 - 1).astype(np.float32)
+        noise = rng.standard_normal((h, w))
+        noise *= amp.read_noise_adu
+        noise += level[:, None]
+        raw[y0 : y0 + h, x0 : x0 + w] += noise
+        del noise
+    np.rint(raw, out=raw)
+    np.clip(raw, 0, 2**18 - 1, out=raw)
+    return raw
 
 
 def apply_detector_signature(
@@ -270,6 +347,7 @@ def apply_detector_signature(
     poisson: bool = True,
     cosmic_ray_rate_per_s: float = COSMIC_RAY_RATE_PER_S_PER_CCD,
     bias_drift_adu: float = 3.0,
+    overwrite_input: bool = False,
 ) -> np.ndarray:
     """Turn an ideal-detector electron image into a raw LSSTCam-imSim image (float32 ADU).
 
@@ -277,6 +355,7 @@ def apply_detector_signature(
     :func:`true_dark_rate`), Poisson noise (skip with ``poisson=False`` if the input is already a
     noisy realisation — the flat then scales the noise too), cosmic rays, full well + bleed
     trails, then :func:`electrons_to_raw` (amp split, flips, bias + drift, gain, read noise).
+    The electron chain runs in one float32 frame, in place.
 
     Parameters
     ----------
@@ -289,6 +368,9 @@ def apply_detector_signature(
         Override the true response (dimensionless) / dark current (e-/s).
     cosmic_ray_rate_per_s : float
         Per full-size CCD; scaled by area for cropped detectors. 0 disables cosmic rays.
+    overwrite_input : bool
+        If ``electrons_image`` is a float32 array, use it as the work frame (its content is
+        destroyed): one full frame less for callers that no longer need it.
 
     Examples
     --------
@@ -299,16 +381,28 @@ def apply_detector_signature(
     >>> raw.shape == det.raw_shape
     True
     """
-    image = np.asarray(electrons_image, dtype=float)
+    image = np.asarray(electrons_image)
     if image.shape != detector.shape:
         raise ValueError(f"Electron image for {detector.name} has shape {image.shape}, "
                          f"expected {detector.shape}")  # fmt: skip
-    flat = true_flat(detector) if flat is None else flat
-    dark_rate = true_dark_rate(detector) if dark_rate is None else dark_rate
-    expected = np.clip(image, 0.0, None) * flat + dark_rate * exposure_time_s
-    electrons = rng.poisson(expected).astype(float) if poisson else expected
+    if overwrite_input and image.dtype == np.float32 and image.flags.writeable:
+        electrons = image
+        np.clip(electrons, 0.0, None, out=electrons)
+    else:
+        electrons = np.empty(image.shape, dtype=np.float32)
+        np.clip(image, 0.0, None, out=electrons)
+    del image
+    electrons *= true_flat(detector) if flat is None else flat
+    dark_e = true_dark_rate(detector) if dark_rate is None else np.array(dark_rate, dtype=np.float32)
+    dark_e *= np.float32(exposure_time_s)
+    electrons += dark_e
+    del dark_e
+    if poisson:
+        poisson_inplace(electrons, rng)
     if cosmic_ray_rate_per_s > 0:
-        electrons, _ = add_cosmic_rays(electrons, detector, exposure_time_s, rng, cosmic_ray_rate_per_s)
-    full_well = detector.amp_value_image("saturation_adu") * detector.amp_value_image("gain")
-    electrons = bleed_saturation(electrons, full_well)
+        add_cosmic_rays(electrons, detector, exposure_time_s, rng, cosmic_ray_rate_per_s, inplace=True)
+    full_well = _amp_value_image32(detector, "saturation_adu")
+    full_well *= _amp_value_image32(detector, "gain")
+    bleed_saturation(electrons, full_well, inplace=True)
+    del full_well
     return electrons_to_raw(electrons, detector, rng, bias_drift_adu=bias_drift_adu)

@@ -22,7 +22,7 @@ import pandas as pd
 from astropy.time import Time, TimeDelta
 
 from ..exposure.exposure import Exposure, VisitInfo
-from ..exposure.fits import write_exposure, wcs_to_dict
+from ..exposure.fits import wcs_to_dict, write_raw
 from .presets import Preset, get_preset
 
 __all__ = [
@@ -169,7 +169,11 @@ def _simulate_detector_visit(args):
     true_wcs = detector_wcs(detector, visit.boresight_ra, visit.boresight_dec, visit.rot_sky_pos_deg)
     psf_model = DetectorPsfModel(visit, pix_to_fp_mm=detector.pixel_to_focal_plane)
     rendered = render_detector(sky, visit, true_wcs, detector.shape, psf_model, rng, include_noise=False)
-    raw_adu = apply_detector_signature(rendered.image, detector, visit.exposure_time_s, rng)
+    # the signature chain works in the rendered frame itself: drop every other reference to it
+    electrons, truth, sky_level_e = rendered.image, rendered.truth, float(rendered.sky_level_e)
+    del rendered
+    raw_adu = apply_detector_signature(electrons, detector, visit.exposure_time_s, rng, overwrite_input=True)
+    del electrons
     reported_wcs = detector_wcs(detector, reported[0], reported[1], visit.rot_sky_pos_deg)
     raw = Exposure(
         image=raw_adu,
@@ -182,8 +186,10 @@ def _simulate_detector_visit(args):
             "AMPSHAPE": list(preset.amp_data_shape),
         },
     )
+    del raw_adu
     path = os.path.join(staging, f"raw_{visit.visit}_{detector_id:03d}.fits")
-    write_exposure(raw, path)
+    write_raw(raw, path)
+    del raw
     true_psf = psf_for_detector(psf_model, detector.shape)
     cx, cy = (detector.shape[1] - 1) / 2, (detector.shape[0] - 1) / 2
     summary = {
@@ -196,7 +202,7 @@ def _simulate_detector_visit(args):
         "psf_fwhm_arcsec": float(np.atleast_1d(psf_model.fwhm_arcsec(cx, cy))[0]),
         "psf_fwhm_px": float(np.atleast_1d(psf_model.fwhm_px(cx, cy))[0]),
         "psf_sigma_px": float(true_psf.sigma(cx, cy)),
-        "sky_level_e": float(rendered.sky_level_e),
+        "sky_level_e": sky_level_e,
         # electrons on a flat-fielded (ideal) detector per nJy; its inverse is the calexp's PhotoCalib
         "electrons_per_njy": float(njy_to_electrons(visit)),
         "calibration_njy_per_e": float(1.0 / njy_to_electrons(visit)),
@@ -208,7 +214,7 @@ def _simulate_detector_visit(args):
         "reported_boresight_dec_deg": float(reported[1]),
         "true_wcs": wcs_to_dict(true_wcs),
     }
-    return visit.visit, detector_id, path, rendered.truth, summary, true_psf
+    return visit.visit, detector_id, path, truth, summary, true_psf
 
 
 # --------------------------------------------------------------------------
