@@ -308,7 +308,10 @@ def section_peers(args, data_dir) -> dict:
                                        method], capture_output=True, text=True, env=ENV, cwd=ROOT,
                                       timeout=args.peer_timeout)
                 got = [json.loads(ln[7:]) for ln in proc.stdout.splitlines() if ln.startswith("RESULT:")]
-                rows += got or [{"method": method, "error": proc.stderr[-1500:]}]
+                # a peer killed by the kernel (OOM) leaves no stderr: say so with its exit status
+                why = f"exit status {proc.returncode}" + (" (killed by a signal: out of memory?)"
+                                                          if proc.returncode < 0 else "")
+                rows += got or [{"method": method, "error": f"{why}: {proc.stderr[-1500:]}"}]
             except subprocess.TimeoutExpired:
                 rows.append({"method": method, "error": f"timed out after {args.peer_timeout} s"})
     log(f"  {'method':<12} {'s':>8} {'peak MB':>8} {'complete':>9} {'spurious':>9} {'n truth':>8}")
