@@ -197,3 +197,46 @@ def test_kill_aptemplate_then_resume(diffim_repo, tmp_path):
     np.testing.assert_array_equal(
         got.get("goodSeeingCoadd_nImage", **coadd_id).image, butler.get("goodSeeingCoadd_nImage", **coadd_id).image
     )
+
+
+def test_kill_appipe_during_subtraction_then_resume(diffim_repo, science_visits, tmp_path):
+    """Kill (whole process group) the moment a subtractImages quantum starts executing
+    (its start line in pipetask's log), in a run of the diffim subset plus diaPipe from
+    raws; resume; the APDB then holds exactly the DiaSources of the fixture's uninterrupted
+    ``ApPipe.yaml#diffim`` run (same inputs, deterministic), one alert file per visit."""
+    from diapipe.alerts import read_alerts
+    from diapipe.apdb import create_apdb
+
+    from _reliability import DEFAULTS
+
+    db = tmp_path / "killed.db"
+    create_apdb(f"sqlite:///{db}", isolation_level="READ_UNCOMMITTED")
+    output = unique("kill_subtract")
+    args = [
+        "run", "-j", "2", "-b", str(diffim_repo), "-i", f"{TEMPLATE_COLLECTION},{DEFAULTS}", "-o", output,
+        "-p", pipeline_uri("ApPipe.yaml#diffim,diaPipe"),
+        "-c", f"diaPipe:apdb.db_url=sqlite:///{db}", "-c", "diaPipe:apdb.isolation_level=READ_UNCOMMITTED",
+        "-d", visits_where(science_visits), "--register-dataset-types",
+    ]
+    log_path = tmp_path / "killed.log"
+    started = re.compile(r"executing quantum for label=subtractImages")
+
+    def subtraction_running() -> bool:
+        return log_path.exists() and started.search(log_path.read_text(errors="replace")) is not None
+
+    killed = run_and_kill(args, log_path, subtraction_running, timeout_s=600.0)
+    assert killed, "the run finished before the kill point"
+    assert _count_datasets(diffim_repo, "goodSeeingDiff_diaSrcTable", output) < len(science_visits)
+    assert sqlite_count(db, "DiaSource", "") == 0 or len(set(visit_order(db))) < len(science_visits)
+
+    code = run_pipetask(resume_args(args, output), tmp_path / "resume.log")
+    log = (tmp_path / "resume.log").read_text()
+    assert code == 0, log[-3000:]
+    assert _count_datasets(diffim_repo, "goodSeeingDiff_diaSrcTable", output) == len(science_visits)
+    assert_apdb_consistent(read_apdb(db), expected_dia_source_ids(diffim_repo, science_visits))
+    folder = db.with_name("killed_alerts")
+    assert not list(folder.glob("*.pending")), "a pending alert file was left behind"
+    files = sorted(folder.glob("*.avro"))
+    assert [f.name for f in files] == sorted(f"{v}_{DETECTOR}.avro" for v in science_visits)
+    alert_ids = [p["diaSourceId"] for f in files for p in read_alerts(f)]
+    assert len(alert_ids) == len(set(alert_ids)), "duplicated alerts"
