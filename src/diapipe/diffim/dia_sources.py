@@ -200,6 +200,47 @@ def detection_noise_scale(image: np.ndarray, variance: np.ndarray, mask: np.ndar
     return float((q75 - q25) / 1.3489795)
 
 
+#: Smoothing width standing for "no smoothing" (a 3-tap kernel of weights ~[0, 1, 0]).
+NO_SMOOTHING_SIGMA_PIX = 0.05
+
+
+def _detect_on_score(score, mask, threshold, threshold_type, grow_pix, deblend, background_bin_pix,
+                     scale_variance, score_psf_sigma, difference=None):
+    """Detection on a score image (see `detect_and_measure_dia_sources`); sets ``mask``'s detection planes.
+
+    ``difference`` = (image, variance, psf): where the score has no data but the difference
+    has (the preconvolved score's wider kernel border, or its margin around template
+    gaps), the PSF-filtered difference stands in, so no detection area is lost.
+    """
+    if score.shape != mask.shape:
+        raise ValueError(f"score image {score.shape} and difference {mask.shape} differ in shape")
+    s_img = np.array(score.image, np.float32)
+    s_var = np.array(score.variance, np.float32)
+    if difference is not None:
+        from .preconvolve import score_from_difference
+
+        d_img, d_var, d_psf = difference
+        hole = ~(np.isfinite(s_img) & np.isfinite(s_var) & (s_var > 0)) & np.isfinite(d_img) & np.isfinite(d_var)
+        if hole.any():
+            filt = score_from_difference(d_img, d_var, mask, d_psf)
+            s_img[hole], s_var[hole] = filt.image[hole], filt.variance[hole]
+    smask = mask.copy()
+    scale = 1.0
+    if background_bin_pix:
+        detect_sources(s_img, s_var, smask, NO_SMOOTHING_SIGMA_PIX, threshold, polarity="both",
+                       threshold_type=threshold_type, grow_pix=max(grow_pix, int(np.ceil(3 * score_psf_sigma))))
+        model = estimate_background(s_img, smask, bin_size=int(background_bin_pix))()
+        s_img = np.where(np.isfinite(s_img), s_img - model, s_img).astype(np.float32)
+        if scale_variance:
+            scale = detection_noise_scale(s_img, s_var, smask, NO_SMOOTHING_SIGMA_PIX)
+            if scale > 1.0:
+                s_var = (s_var * np.float32(scale**2)).astype(np.float32)
+    fps = detect_sources(s_img, s_var, mask, NO_SMOOTHING_SIGMA_PIX, threshold, polarity="both",
+                         threshold_type=threshold_type, grow_pix=grow_pix, deblend=deblend,
+                         peak_radius_pix=max(1.0, score_psf_sigma))
+    return fps, scale
+
+
 def place_sky_sources(mask: np.ndarray, n: int, radius_pix: int, rng: np.random.Generator,
                       avoid_planes=SKY_AVOID_PLANES) -> np.ndarray:
     """Up to ``n`` random positions (x, y) at least ``radius_pix`` from any pixel with
@@ -264,6 +305,7 @@ def detect_and_measure_dia_sources(
     bad_center_planes=BAD_CENTER_ALL_PLANES,
     scale_variance: bool = True,
     rng: np.random.Generator | None = None,
+    score: Exposure | None = None,
 ) -> DiaSourceResult:
     """DiaSources of a difference image (see the module docstring).
 
@@ -287,6 +329,14 @@ def detect_and_measure_dia_sources(
     masks the sources) the variance plane is multiplied by the square of
     `detection_noise_scale` (when above 1) before the final detection, so that
     thresholds and flux errors are in units of the real noise on the PSF scale.
+
+    With ``score`` (a score image on the same grid, e.g. from
+    `diapipe.diffim.preconvolve.preconvolved_score`, whose pixel / sqrt(variance)
+    is already the matched-filter significance) detection runs on the score
+    without further smoothing — after its own smooth background is removed
+    and its variance scaled to the measured pixel noise — and measurement on
+    the difference (ip_diffim ``DetectAndMeasureScoreTask``);
+    ``stats["score_noise_scale"]`` is that factor.
     """
     if difference.psf is None or difference.wcs is None or difference.photo_calib is None:
         raise ValueError(f"visit {visit} detector {detector}: the difference needs a PSF, a WCS and a PhotoCalib")
@@ -313,8 +363,14 @@ def detect_and_measure_dia_sources(
             noise_scale = detection_noise_scale(image, variance, mask, psf.sigma())
             if noise_scale > 1.0:
                 variance = (variance * np.float32(noise_scale**2)).astype(np.float32)
-    fps = detect_sources(image, variance, mask, psf.sigma(), threshold, polarity="both",
-                         threshold_type=threshold_type, grow_pix=grow_pix, deblend=deblend_peaks)
+    score_scale = float("nan")
+    if score is None:
+        fps = detect_sources(image, variance, mask, psf.sigma(), threshold, polarity="both",
+                             threshold_type=threshold_type, grow_pix=grow_pix, deblend=deblend_peaks)
+    else:
+        fps, score_scale = _detect_on_score(score, mask, threshold, threshold_type, grow_pix, deblend_peaks,
+                                            background_bin_pix, scale_variance, score_psf_sigma=psf.sigma(),
+                                            difference=(image, variance, psf))
     cat = measure_sources(image, variance, mask, psf, fps, aperture_radii=(float(aperture_radius_pix),))
     n = len(cat)
     neg = np.asarray(cat["is_negative"], bool)
@@ -512,6 +568,8 @@ def detect_and_measure_dia_sources(
         "n_sky_sources": int(n_sky),
         "difference_background_mean": background_level,
         "detection_noise_scale": noise_scale,
+        "score_noise_scale": score_scale,
+        "detected_on_score": score is not None,
     }
     if n_sky:
         snr = np.asarray(sky["psfFlux"], float) / np.asarray(sky["psfFluxErr"], float)

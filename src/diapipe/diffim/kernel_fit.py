@@ -30,6 +30,7 @@ import numpy as np
 from ..exposure import masks
 from ..exposure.psf import polynomial_terms
 from .basis import KernelBasis
+from .noise_bias import debiased_solve, source_noise_normal
 
 __all__ = [
     "BadPsfMatchError",
@@ -346,6 +347,17 @@ def _spatial_normal(e: np.ndarray, normal: np.ndarray, rhs: np.ndarray):
     return big_m, big_r
 
 
+def _solve_spatial(e, normal, rhs, noise):
+    big_m, big_r = _spatial_normal(e, normal, rhs)
+    if noise is not None:
+        big_n, _ = _spatial_normal(e, noise, rhs)
+        return debiased_solve(big_m, big_r, big_n)
+    try:
+        return np.linalg.solve(big_m, big_r)
+    except np.linalg.LinAlgError:
+        return np.linalg.lstsq(big_m, big_r, rcond=None)[0]
+
+
 def _unpack_theta(theta, n_basis, spatial_order, constant_first):
     n_sp = _n_terms(spatial_order)
     coeffs = np.zeros((n_basis, n_sp))
@@ -391,6 +403,7 @@ def fit_psf_matching_kernel(
     expected_kernel_sq_sum: float | None = None,
     source_bad: np.ndarray | None = None,
     target_bad: np.ndarray | None = None,
+    debias_source_noise: bool = False,
 ) -> KernelFitResult:
     """Fit the matching kernel ``source * kernel + bg ≈ target`` on stamps at (x, y).
 
@@ -434,6 +447,15 @@ def fit_psf_matching_kernel(
         Unusable pixels of the two images. A fitted pixel gets zero weight when it is
         bad in the target or when the kernel footprint around it touches a bad source
         pixel, so a stamp survives a masked pixel in its outskirts.
+    debias_source_noise : `bool`
+        Remove the noise of the *source* image from the normal equations of the
+        spatial fit (`source_noise_normal`). Least squares with a noisy regressor
+        (errors in variables) shrinks the kernel towards zero: its normal matrix
+        ``AᵀWA`` carries the expected noise term ``N`` on top of the noise-free
+        one, while ``AᵀWt`` does not (the two images' noises are independent), so
+        the kernel sum comes out low by ~``N/(AᵀWA)``. That is negligible for a
+        deep template but was -6 % for a single-visit science image in
+        convolveScience mode; ``(AᵀWA - N)⁻¹ AᵀWt`` is unbiased.
 
     Returns
     -------
@@ -489,6 +511,7 @@ def fit_psf_matching_kernel(
     normal_c = np.empty((n_stamps, n_l, n_l))
     rhs_c = np.empty((n_stamps, n_l))
     tt_c = np.empty(n_stamps)
+    noise_n = np.zeros((n_stamps, n_l, n_l)) if debias_source_noise else None
     chunk = 128
     for start in range(0, n_stamps, chunk):
         sl = slice(start, min(start + chunk, n_stamps))
@@ -538,6 +561,9 @@ def fit_psf_matching_kernel(
         normal_c[sl] = awct @ ac
         rhs_c[sl] = (awct @ tc[:, :, None])[:, :, 0]
         tt_c[sl] = ((tc * wc) * tc).sum(axis=1)
+        if noise_n is not None:
+            noise_n[sl, :n_b, :n_b] = source_noise_normal(
+                _cutouts(source_variance, xi[sl], yi[sl], half_src), w, basis.images)
     dof = np.maximum(n_good - n_l, 1)
     n_core = np.maximum(n_good_core, 1)
 
@@ -585,11 +611,7 @@ def fit_psf_matching_kernel(
     chi2_spatial = chi2_local
     theta = None
     for iterations in range(1, max_iterations + 1):
-        big_m, big_r = _spatial_normal(e[used], normal[used], rhs[used])
-        try:
-            theta = np.linalg.solve(big_m, big_r)
-        except np.linalg.LinAlgError:
-            theta = np.linalg.lstsq(big_m, big_r, rcond=None)[0]
+        theta = _solve_spatial(e[used], normal[used], rhs[used], None if noise_n is None else noise_n[used])
         coeffs = e @ theta
         chi2_spatial = chi2_of(coeffs)
         c = chi2_spatial[used]
@@ -602,8 +624,7 @@ def fit_psf_matching_kernel(
         used &= ~reject
         if iterations == max_iterations:
             # refit once more on the cleaned set so the solution matches `used`
-            big_m, big_r = _spatial_normal(e[used], normal[used], rhs[used])
-            theta = np.linalg.lstsq(big_m, big_r, rcond=None)[0]
+            theta = _solve_spatial(e[used], normal[used], rhs[used], None if noise_n is None else noise_n[used])
             chi2_spatial = chi2_of(e @ theta)
     kernel_coeffs, bg_coeffs = _unpack_theta(theta, n_b, spatial_order, constant_scale)
     solution = KernelSolution(
@@ -637,6 +658,7 @@ def fit_psf_matching_kernel(
             "spatial_order": spatial_order,
             "background_order": background_order,
             "orders_reduced": (spatial_order, background_order) != requested_orders,
+            "source_noise_debiased": bool(debias_source_noise),
         },
     )
     if median_chi2 > max_median_chi2:

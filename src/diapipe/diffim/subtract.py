@@ -18,8 +18,9 @@ Steps (ip_diffim ``AlardLuptonSubtractTask`` as the reference):
    ``(science * κ + bg - template) / Σκ`` (convolveScience), always on the
    science photometric scale, then decorrelation (`diapipe.diffim.decorrelate`).
 
-No preconvolution (score-image) path: the difference image is decorrelated and
-detection then filters with the difference PSF.
+This module has no preconvolution (score-image) path; for a science image sharper
+than the template, `diapipe.diffim.preconvolve` builds the score detection runs on
+while this difference is still the one measured.
 
 Output conventions: pixels flagged NO_DATA (unusable input, or within half a
 kernel of the border, which is also EDGE) hold NaN in the difference image and
@@ -302,6 +303,7 @@ def subtract_images(
     isolation_radius_pix: float | None = None,
     rescale_photometry: bool = False,
     max_photometric_correction: float = 0.1,
+    debias_kernel_fit: bool = False,
 ) -> SubtractionResult:
     """Alard–Lupton PSF-matched difference of two registered images.
 
@@ -338,6 +340,12 @@ def subtract_images(
         ratio of the kernel-source candidates on the matched pair
         (`photometric_scale_correction`); metadata ``kernel_sum_fitted``,
         ``photometric_correction``.
+    debias_kernel_fit : `bool`
+        Remove the convolved image's own noise from the kernel fit's normal equations
+        (`diapipe.diffim.kernel_fit.debiased_solve`): least squares shrinks the kernel
+        sum when the convolved image is noisy (errors in variables). Matters in
+        convolveScience mode: on ci_imsim visit 914587 the science/template scale
+        came out 1.034 without and 0.985 with it (convolveTemplate: 0.984).
     exact_variance : `bool`
         Propagate the matched image's variance through the exact spatially varying
         squared kernel (6 convolutions for order 1) or (default) the squared centre
@@ -437,6 +445,7 @@ def subtract_images(
         expected_kernel_sq_sum=1.0 / (4.0 * np.pi * width**2),
         source_bad=(src_mask & bad_bits) != 0,
         target_bad=((sci_mask if convolve_template else tmp_mask) & bad_bits) != 0,
+        debias_source_noise=debias_kernel_fit,
     )
     solution = fit.solution
     meta.update({k: fit.metadata[k] for k in ("n_stamps_used", "n_stamps_rejected", "median_chi2_per_dof")})
