@@ -213,6 +213,15 @@ def make_master_dark(
     return (rate + sigma_e * rng.standard_normal(detector.shape) / frame_exposure_s).astype(np.float32)
 
 
+def _work_image(electrons: np.ndarray, inplace: bool, caller: str) -> np.ndarray:
+    """``electrons`` itself (must be float) when ``inplace``, else a float64 copy to modify."""
+    if not inplace:
+        return np.array(electrons, dtype=float, copy=True)
+    if not np.issubdtype(electrons.dtype, np.floating):
+        raise TypeError(f"{caller}(inplace=True) needs a float image, got {electrons.dtype}")
+    return electrons
+
+
 def add_cosmic_rays(
     electrons: np.ndarray,
     detector: Detector,
@@ -229,12 +238,7 @@ def add_cosmic_rays(
     (mean ``mean_charge_e``), deposited by bilinear splatting of sub-pixel samples.
     ``inplace=True`` adds to ``electrons`` itself (a float array), else to a float64 copy.
     """
-    if inplace:
-        if not np.issubdtype(electrons.dtype, np.floating):
-            raise TypeError(f"add_cosmic_rays(inplace=True) needs a float image, got {electrons.dtype}")
-        out = electrons
-    else:
-        out = np.array(electrons, dtype=float, copy=True)
+    out = _work_image(electrons, inplace, "add_cosmic_rays")
     ny, nx = out.shape
     n = rng.poisson(rate_per_s_per_ccd * exposure_time_s * (nx * ny) / FULL_CCD_AREA_PX)
     starts = []
@@ -262,12 +266,7 @@ def bleed_saturation(electrons: np.ndarray, full_well_e: np.ndarray, inplace: bo
     Charge is conserved except what bleeds off the top or bottom edge of the detector.
     ``inplace=True`` works on ``electrons`` itself (a float array), else on a float64 copy.
     """
-    if inplace:
-        if not np.issubdtype(electrons.dtype, np.floating):
-            raise TypeError(f"bleed_saturation(inplace=True) needs a float image, got {electrons.dtype}")
-        out = electrons
-    else:
-        out = np.array(electrons, dtype=float, copy=True)
+    out = _work_image(electrons, inplace, "bleed_saturation")
     cap = np.broadcast_to(full_well_e, out.shape)
     for x in np.flatnonzero((out > cap).any(axis=0)):
         col, ccap = out[:, x], cap[:, x]
