@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 from _reliability import (
+    DEFAULTS,
     DETECTOR,
     DIFFIM_COLLECTION,
     INSTRUMENT,
@@ -38,6 +39,19 @@ APPIPE_TAIL = "ApPipe.yaml#diaPipe"
 def resume_args(args: list[str], output: str) -> list[str]:
     """The documented resume: the same command plus these three options."""
     return [*args, "--extend-run", "--skip-existing-in", output, "--clobber-outputs"]
+
+
+def assert_alerts_exactly_once(folder, visits, expected_ids) -> None:
+    """One published alert file per detector-visit, no pending file left, every expected
+    DiaSource in exactly one packet."""
+    from diapipe.alerts import read_alerts
+
+    assert not list(folder.glob("*.pending")), "a pending alert file was left behind"
+    files = sorted(folder.glob("*.avro"))
+    assert [f.name for f in files] == sorted(f"{v}_{DETECTOR}.avro" for v in visits)
+    alert_ids = [p["diaSourceId"] for f in files for p in read_alerts(f)]
+    assert len(alert_ids) == len(set(alert_ids)), "duplicated alerts"
+    assert sorted(alert_ids) == sorted(int(i) for i in expected_ids), "alerts lost or extra"
 
 
 def test_kill_appipe_during_store_then_resume(diffim_repo, science_visits, tmp_path):
@@ -74,16 +88,7 @@ def test_kill_appipe_during_store_then_resume(diffim_repo, science_visits, tmp_p
     got = read_apdb(db)
     expected_ids = expected_dia_source_ids(diffim_repo, science_visits)
     assert_apdb_consistent(got, expected_ids)
-    # alerts: one published file per detector-visit, every DiaSource in exactly one packet
-    from diapipe.alerts import read_alerts
-
-    folder = db.with_name("killed_alerts")
-    assert not list(folder.glob("*.pending")), "a pending alert file was left behind"
-    files = sorted(folder.glob("*.avro"))
-    assert [f.name for f in files] == sorted(f"{v}_{DETECTOR}.avro" for v in science_visits)
-    alert_ids = [p["diaSourceId"] for f in files for p in read_alerts(f)]
-    assert len(alert_ids) == len(set(alert_ids)), "duplicated alerts"
-    assert sorted(alert_ids) == sorted(int(i) for i in expected_ids), "alerts lost or extra"
+    assert_alerts_exactly_once(db.with_name("killed_alerts"), science_visits, expected_ids)
 
     # Uninterrupted reference: diaPipe alone, visit by visit in the order the killed run stored them.
     order = visit_order(db)
@@ -204,10 +209,7 @@ def test_kill_appipe_during_subtraction_then_resume(diffim_repo, science_visits,
     (its start line in pipetask's log), in a run of the diffim subset plus diaPipe from
     raws; resume; the APDB then holds exactly the DiaSources of the fixture's uninterrupted
     ``ApPipe.yaml#diffim`` run (same inputs, deterministic), one alert file per visit."""
-    from diapipe.alerts import read_alerts
     from diapipe.apdb import create_apdb
-
-    from _reliability import DEFAULTS
 
     db = tmp_path / "killed.db"
     create_apdb(f"sqlite:///{db}", isolation_level="READ_UNCOMMITTED")
@@ -233,10 +235,6 @@ def test_kill_appipe_during_subtraction_then_resume(diffim_repo, science_visits,
     log = (tmp_path / "resume.log").read_text()
     assert code == 0, log[-3000:]
     assert _count_datasets(diffim_repo, "goodSeeingDiff_diaSrcTable", output) == len(science_visits)
-    assert_apdb_consistent(read_apdb(db), expected_dia_source_ids(diffim_repo, science_visits))
-    folder = db.with_name("killed_alerts")
-    assert not list(folder.glob("*.pending")), "a pending alert file was left behind"
-    files = sorted(folder.glob("*.avro"))
-    assert [f.name for f in files] == sorted(f"{v}_{DETECTOR}.avro" for v in science_visits)
-    alert_ids = [p["diaSourceId"] for f in files for p in read_alerts(f)]
-    assert len(alert_ids) == len(set(alert_ids)), "duplicated alerts"
+    expected_ids = expected_dia_source_ids(diffim_repo, science_visits)
+    assert_apdb_consistent(read_apdb(db), expected_ids)
+    assert_alerts_exactly_once(db.with_name("killed_alerts"), science_visits, expected_ids)
