@@ -79,10 +79,12 @@ def test_psf_flux_of_isolated_bright_stars(metrics):
 def test_template_photometry_astrometry_psf(metrics):
     coadd = metrics["coadds"][0]
     assert coadd["n_stars"] >= 8
-    assert abs(coadd["flux_ratio_median"] - 1.0) < 0.008  # measured 1.0037 (before 0.993)
-    # measured 7.4 mas, equal to the stars' own centroid noise (7.2 mas)
+    # measured 0.9976 (before PSF-model matching in CompareWarp 1.0037; on ci_imsim, where
+    # the Gaussian-matched comparison clipped the sharper epochs' star cores, 0.984 -> 0.9995)
+    assert abs(coadd["flux_ratio_median"] - 1.0) < 0.006
+    # measured 8.1 mas, close to the stars' own centroid noise (7.3 mas)
     assert coadd["position_rms_mas"] < 10.0
-    assert abs(coadd["psf_size_ratio"] - 1.0) < 0.03  # measured 0.995
+    assert abs(coadd["psf_size_ratio"] - 1.0) < 0.03  # measured 0.994 (ci_imsim: 0.975 -> 1.000)
 
 
 def test_no_transient_in_the_template(metrics):

@@ -66,13 +66,13 @@ def psf_flux(image, variance, x, y, psf):
 
 def test_transient_rejected_and_stars_kept(epochs):
     images, variances, masks, psfs = epochs
-    coadd, var, mask, n_image, psf = assemble_coadd(images, variances, masks, psfs=psfs)
+    coadd, var, mask, n_image, psf, _ = assemble_coadd(images, variances, masks, psfs=psfs)
     x, y, _ = TRANSIENT
     flux, err = psf_flux(coadd, var, x, y, psf)
     assert abs(flux / err) < 3.0
     assert any_set(mask, "CLIPPED")[int(round(y)), int(round(x))]
     # without rejection the transient is plainly there (so the test can fail)
-    naive, nvar, _, _, npsf = assemble_coadd(images, variances, masks, psfs=psfs, rejection="none")
+    naive, nvar, _, _, npsf, _ = assemble_coadd(images, variances, masks, psfs=psfs, rejection="none")
     flux_n, err_n = psf_flux(naive, nvar, x, y, npsf)
     assert flux_n / err_n > 8.0
     # stars are not clipped and keep their flux (PSF-matched comparison)
@@ -81,14 +81,14 @@ def test_transient_rejected_and_stars_kept(epochs):
         f, e = psf_flux(coadd, var, sx, sy, psf)
         assert abs(f - sf) < max(5 * e, 0.01 * sf)
     # per-pixel sigma clipping also removes it
-    clipped, cvar, _, _, cpsf = assemble_coadd(images, variances, masks, psfs=psfs, rejection="sigma_clip")
+    clipped, cvar, _, _, cpsf, _ = assemble_coadd(images, variances, masks, psfs=psfs, rejection="sigma_clip")
     flux_c, err_c = psf_flux(clipped, cvar, x, y, cpsf)
     assert abs(flux_c / err_c) < 3.0
 
 
 def test_weights_n_image_and_no_data(epochs):
     images, variances, masks, psfs = epochs
-    coadd, var, mask, n_image, psf = assemble_coadd(images, variances, masks, psfs=psfs)
+    coadd, var, mask, n_image, psf, _ = assemble_coadd(images, variances, masks, psfs=psfs)
     assert (n_image[:, :100][~any_set(mask, "CLIPPED")[:, :100]] == 6).all()
     assert (n_image[:, 100:][~any_set(mask, "CLIPPED")[:, 100:]] == 5).all()
     # inverse-variance weights: coadd variance 1 / sum(1/sigma^2) where all cover
@@ -99,7 +99,7 @@ def test_weights_n_image_and_no_data(epochs):
     blanked = [m.copy() for m in masks]
     for m in blanked:
         m[:10, :10] |= bit("NO_DATA")
-    c2, v2, m2, n2, _ = assemble_coadd(images, variances, blanked, psfs=psfs, rejection="none")
+    c2, v2, m2, n2, _, _ = assemble_coadd(images, variances, blanked, psfs=psfs, rejection="none")
     assert (n2[:10, :10] == 0).all() and any_set(m2[:10, :10], "NO_DATA").all()
     assert np.isnan(c2[:10, :10]).all() and np.isinf(v2[:10, :10]).all()
     assert not any_set(m2[20:, 20:], "NO_DATA").any()
@@ -107,13 +107,13 @@ def test_weights_n_image_and_no_data(epochs):
     sat = [m.copy() for m in masks]
     for m in sat[:4]:
         m[50, 50] |= bit("SAT")
-    _, _, m3, n3, _ = assemble_coadd(images, variances, sat, psfs=psfs, rejection="none")
+    _, _, m3, n3, _, _ = assemble_coadd(images, variances, sat, psfs=psfs, rejection="none")
     assert any_set(m3, "SAT")[50, 50] and n3[50, 50] == 2
 
 
 def test_coadd_psf_matches_coadded_star(epochs):
     images, variances, masks, psfs = epochs
-    coadd, var, mask, n_image, psf = assemble_coadd(images, variances, masks, psfs=psfs)
+    coadd, var, mask, n_image, psf, _ = assemble_coadd(images, variances, masks, psfs=psfs)
     assert psf.order == 0
     # measure the brightest star's width in the coadd (second moments in a 25 px box)
     x, y, _ = STARS[1]
@@ -127,11 +127,12 @@ def test_coadd_psf_matches_coadded_star(epochs):
     measured = (ixx * iyy) ** 0.25
     assert psf.sigma() == pytest.approx(measured, rel=0.03)
     # and it is the inverse-variance weighted mean of the inputs (weights x coverage;
-    # the transient's small clipped footprint in epoch 2 is ignored here, hence atol)
+    # the transient's small clipped footprint in epoch 2 is ignored here, hence atol: 2e-5 of
+    # a 0.044 peak)
     w = 1.0 / np.array(NOISE) ** 2
     w[4] *= 100 / 120
     expected = sum(wi * p.compute_kernel_image(0, 0) for wi, p in zip(w, psfs, strict=True)) / w.sum()
-    np.testing.assert_allclose(psf.compute_kernel_image(0, 0), expected, atol=1e-5)
+    np.testing.assert_allclose(psf.compute_kernel_image(0, 0), expected, atol=3e-5)
 
 
 def test_artifact_epoch_rule_and_errors(epochs):
@@ -145,3 +146,60 @@ def test_artifact_epoch_rule_and_errors(epochs):
         assemble_coadd(images, variances, masks, psfs=psfs, rejection="median")
     with pytest.raises(ValueError, match="Input 1"):
         assemble_coadd([images[0], images[1][:5]], variances[:2], masks[:2], psfs=psfs[:2])
+
+
+def test_aperture_correction_is_the_weighted_harmonic_mean(epochs):
+    from diapipe.calibrate import ApertureCorrection
+    from diapipe.coadd.assemble import coadd_aperture_correction
+
+    images, variances, masks, psfs = epochs
+    ny, nx = images[0].shape
+    bbox = (0, 0, nx - 1, ny - 1)
+    values = np.linspace(1.01, 1.04, len(images))
+    corrections = [ApertureCorrection.constant(a, bbox) for a in values]
+    w = 1.0 / np.array(NOISE) ** 2
+    # with constant inputs the PSF-flux deficit of the coadd is the weighted mean of 1/a_i,
+    # so the correction is its inverse (not the plain mean of a_i)
+    used = [np.ones((ny, nx), bool) for _ in images]
+    expected = w.sum() / (w / values).sum()
+    assert coadd_aperture_correction(corrections, w, used).evaluate(5.0, 5.0) == pytest.approx(expected, rel=1e-9)
+    assert abs(expected - values.mean()) > 1e-3  # the weighting matters here
+    # where an input does not contribute, it does not count
+    used[0][:] = False
+    alone = coadd_aperture_correction(corrections, w, used)
+    assert alone.evaluate(5.0, 5.0) == pytest.approx(w[1:].sum() / (w[1:] / values[1:]).sum(), rel=1e-9)
+    # assemble_coadd passes its weights and coverage: epoch 4 misses the strip x >= 100, where
+    # 5 of the 5 x 5 grid points lie; a constant (order 0) fit is the grid's mean
+    result = assemble_coadd(images, variances, masks, psfs=psfs, rejection="none", aperture_corrections=corrections)
+    keep = np.arange(len(images)) != 4
+    without_4 = w[keep].sum() / (w[keep] / values[keep]).sum()
+    assert result.aperture_correction.order == 0
+    assert result.aperture_correction.evaluate(5.0, 5.0) == pytest.approx((20 * expected + 5 * without_4) / 25, rel=1e-9)
+    with pytest.raises(ValueError, match="aperture corrections for"):
+        assemble_coadd(images, variances, masks, psfs=psfs, aperture_corrections=corrections[:2])
+
+
+def test_bright_star_cores_survive_non_gaussian_psfs():
+    """Moffat PSFs of different widths: matching them as Gaussians leaves several per cent
+    of the peak at a bright star's core, and the sharpest epochs' cores were clipped as
+    artifacts (on ci_imsim: template PSF fluxes 1.6 % low, coadd PSF 2.5 % too narrow)."""
+    import galsim
+
+    from diapipe.coadd.assemble import find_artifacts, psf_matching_kernels
+
+    rng = np.random.default_rng(7)
+    fwhms = [3.2, 3.6, 4.0, 4.4, 4.8, 5.2]
+    shape, star = (101, 101), (50.3, 49.6, 2e6)
+    images, usable, kernels = [], [], []
+    for fwhm in fwhms:
+        profile = galsim.Moffat(beta=2.5, fwhm=fwhm)
+        img = profile.drawImage(nx=shape[1], ny=shape[0], scale=1.0,
+                                offset=(star[0] - 50, star[1] - 50)).array * star[2]
+        images.append(img + rng.normal(0.0, 10.0, shape))
+        usable.append(np.ones(shape, bool))
+        kernels.append(profile.drawImage(nx=41, ny=41, scale=1.0).array)
+    _, residuals = psf_matching_kernels(kernels)
+    assert residuals.max() < 0.03
+    clips = find_artifacts(images, usable, kernels)
+    near = (np.hypot(*np.mgrid[: shape[0], : shape[1]][::-1] - np.array(star[:2])[:, None, None]) < 10)
+    assert not any(c[near].any() for c in clips)

@@ -154,3 +154,25 @@ def test_bad_kernel_and_shapes_raise():
         warp_image(a, a, a.astype(np.int32), SRC, DST, (10, 10), kernel="bicubic")
     with pytest.raises(ValueError, match="variance"):
         warp_image(a, a[:5], a.astype(np.int32), SRC, DST, (10, 10))
+
+
+def test_aperture_correction_follows_the_sky():
+    from diapipe.calibrate import ApertureCorrection
+    from diapipe.coadd.warp import warp_aperture_correction
+
+    src_wcs = make_wcs((100.0, 80.0), 0.2, 3.0)
+    dst_wcs = make_wcs((500.0, 450.0), 0.204, 0.0)
+    # a correction rising linearly across the calexp (2 % over its width)
+    src = ApertureCorrection([1.02, 0.01, 0.0], 1, (0, 0, 199, 159), err=0.002)
+    dst_bbox = (420, 390, 560, 510)
+    warped = warp_aperture_correction(src, src_wcs, dst_wcs, dst_bbox)
+    assert warped.bbox == tuple(float(b) for b in dst_bbox) and warped.err == 0.002
+    x = np.array([425.0, 500.0, 555.0, 430.0])
+    y = np.array([395.0, 450.0, 505.0, 500.0])
+    ra, dec = dst_wcs.all_pix2world(x, y, 0)
+    u, v = src_wcs.all_world2pix(ra, dec, 0)
+    # the same correction at the same sky positions (a linear field stays linear)
+    np.testing.assert_allclose(warped.evaluate(x, y), src.evaluate(u, v), atol=1e-9)
+    # and a constant stays constant
+    assert warp_aperture_correction(ApertureCorrection.constant(1.03, (0, 0, 199, 159)), src_wcs, dst_wcs,
+                                    dst_bbox).evaluate(500.0, 450.0) == pytest.approx(1.03)

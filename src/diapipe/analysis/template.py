@@ -120,6 +120,13 @@ def coadd_metrics(coadd, truth_sky, band: str, *, leak_ids=None, n_image=None, m
     footprints = detect_sources(image, variance, mask, psf.sigma(*_centre(coadd)), detection_threshold,
                                 polarity="positive")
     cat = measure_sources(image, variance, mask, psf_local, footprints)
+    if coadd.metadata.get("AP_CORR") is not None and len(cat):
+        # PSF flux -> total flux, as on calexps (the coadd's correction is in parent pixels)
+        from ..calibrate.aperture_correction import ApertureCorrection, apply_aperture_correction
+
+        cat["psfFlux"], cat["psfFluxErr"] = apply_aperture_correction(
+            cat["psfFlux"], cat["psfFluxErr"], np.asarray(cat["centroid_x"], float) + x0,
+            np.asarray(cat["centroid_y"], float) + y0, ApertureCorrection.from_dict(coadd.metadata["AP_CORR"]))
 
     flux_col = f"mag_{band}"
     kind = truth_sky["type"].to_numpy(str)

@@ -196,7 +196,9 @@ class MakeWarpTask(pipeBase.PipelineTask):
         butlerQC.put(outputs, outputRefs)
 
     def run(self, *, calexp_handles, tract_wcs, patch_outer_bbox) -> pipeBase.Struct:
-        from .warp import warp_image, warp_psf
+        from diapipe.calibrate.aperture_correction import ApertureCorrection
+
+        from .warp import warp_aperture_correction, warp_image, warp_psf
 
         pieces = []
         for handle in calexp_handles:
@@ -214,7 +216,7 @@ class MakeWarpTask(pipeBase.PipelineTask):
         image = np.full(shape, np.nan, dtype=np.float32)
         variance = np.full(shape, np.inf, dtype=np.float32)
         mask = np.full(shape, bit("NO_DATA"), dtype=MASK_DTYPE)
-        best_psf, best_area, visit_info = None, -1, None
+        best_psf, best_area, visit_info, ap_corr = None, -1, None, None
         for handle, wcs, bbox in pieces:
             calexp = handle.get()
             scale = calexp.photo_calib.calibration_mean
@@ -242,6 +244,10 @@ class MakeWarpTask(pipeBase.PipelineTask):
                     calexp.psf, wcs, tract_wcs, (x0, y0, x1 - 1, y1 - 1), kernel=self.config.warpingKernelName
                 )
                 visit_info = calexp.visit_info
+                # and that detector's aperture correction (PSF flux -> total flux)
+                calexp_ap_corr = calexp.metadata.get("AP_CORR")
+                ap_corr = None if calexp_ap_corr is None else warp_aperture_correction(
+                    ApertureCorrection.from_dict(calexp_ap_corr), wcs, tract_wcs, (x0, y0, x1 - 1, y1 - 1))
         self.metadata["n_detectors"] = len(pieces)
         self.metadata["coverage_fraction"] = float((mask & bit("NO_DATA") == 0).mean())
         warp = Exposure(
@@ -252,6 +258,7 @@ class MakeWarpTask(pipeBase.PipelineTask):
             psf=best_psf,
             photo_calib=PhotoCalib(1.0),
             visit_info=visit_info,
+            metadata={} if ap_corr is None else {"AP_CORR": ap_corr.to_dict()},
             xy0=(x0, y0),
         )
         return pipeBase.Struct(direct=warp)
@@ -321,6 +328,8 @@ class AssembleCoaddTask(pipeBase.PipelineTask):
         butlerQC.put(self.run(warps=warps), outputRefs)
 
     def run(self, *, warps) -> pipeBase.Struct:
+        from diapipe.calibrate.aperture_correction import ApertureCorrection
+
         from .assemble import assemble_coadd
 
         x0 = min(w.xy0[0] for w in warps)
@@ -338,7 +347,10 @@ class AssembleCoaddTask(pipeBase.PipelineTask):
             images.append(image)
             variances.append(variance)
             masks.append(mask)
-        coadd, variance, mask, n_image, psf = assemble_coadd(
+        ap_corrs = [w.metadata.get("AP_CORR") for w in warps]
+        # a coadd aperture correction only when every input has one (older warps do not)
+        ap_corrs = None if any(a is None for a in ap_corrs) else [ApertureCorrection.from_dict(a) for a in ap_corrs]
+        coadd, variance, mask, n_image, psf, ap_corr = assemble_coadd(
             images,
             variances,
             masks,
@@ -346,6 +358,7 @@ class AssembleCoaddTask(pipeBase.PipelineTask):
             rejection=self.config.rejection,
             nsigma=self.config.nSigma,
             xy0=(x0, y0),
+            aperture_corrections=ap_corrs,
         )
         self.metadata["n_inputs"] = len(warps)
         visits = [int(w.visit_info.visit) for w in warps if w.visit_info is not None]
@@ -358,7 +371,8 @@ class AssembleCoaddTask(pipeBase.PipelineTask):
             wcs=wcs,
             psf=psf,
             photo_calib=PhotoCalib(1.0),
-            metadata={"COADD_VISITS": visits, "N_INPUTS": len(warps)},
+            metadata={"COADD_VISITS": visits, "N_INPUTS": len(warps),
+                      **({} if ap_corr is None else {"AP_CORR": ap_corr.to_dict()})},
             xy0=(x0, y0),
         )
         n_image_exposure = Exposure(image=n_image.astype(np.float32), wcs=wcs, xy0=(x0, y0))

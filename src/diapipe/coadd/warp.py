@@ -54,7 +54,7 @@ import numpy as np
 from diapipe.exposure.masks import MASK_DTYPE, bit, bits
 from diapipe.exposure.psf import PixelPsf, fractional_shift, polynomial_terms
 
-__all__ = ["warp_image", "warp_psf", "lanczos_weights", "pixel_mapping", "local_affine"]
+__all__ = ["warp_image", "warp_psf", "warp_aperture_correction", "lanczos_weights", "pixel_mapping", "local_affine"]
 
 
 _TABLE_STEPS = 1024
@@ -485,3 +485,39 @@ def warp_psf(
     design = polynomial_terms(uu, vv, order).T  # (n_pos, n_terms)
     coeffs, *_ = np.linalg.lstsq(design, kernels.reshape(len(positions), -1), rcond=None)
     return PixelPsf(coeffs.reshape(-1, size, size), order, bbox)
+
+
+def warp_aperture_correction(correction, src_wcs, dst_wcs, dst_bbox, *, n_grid: int = 5):
+    """A calexp's aperture correction carried to a warp's pixel frame.
+
+    The correction is a property of the sky position (the PSF model's missing wing
+    light there), so it is sampled at a grid of ``n_grid``² destination positions
+    mapped to the source frame and refit with the same polynomial order over
+    ``dst_bbox`` (x_min, y_min, x_max, y_max; inclusive parent coordinates).
+
+    Parameters
+    ----------
+    correction : `diapipe.calibrate.ApertureCorrection`
+        Correction in the source (calexp) parent pixel frame.
+    src_wcs, dst_wcs : `astropy.wcs.WCS`
+        WCSs of the calexp and of the warp.
+
+    Returns
+    -------
+    `diapipe.calibrate.ApertureCorrection`
+    """
+    from diapipe.calibrate.aperture_correction import ApertureCorrection
+
+    x0, y0, x1, y1 = (float(b) for b in dst_bbox)
+    n = 1 if correction.order == 0 else max(int(n_grid), correction.order + 1)
+    gx, gy = np.meshgrid(np.linspace(x0, x1, n), np.linspace(y0, y1, n))
+    if n == 1:
+        gx, gy = np.array([[0.5 * (x0 + x1)]]), np.array([[0.5 * (y0 + y1)]])
+    ra, dec = dst_wcs.all_pix2world(gx.ravel(), gy.ravel(), 0)
+    u, v = src_wcs.all_world2pix(ra, dec, 0, quiet=True)
+    values = np.asarray(correction.evaluate(u, v), float).ravel()
+    # ApertureCorrection's normalisation: the box onto [-1, 1]
+    uu, vv = 2 * (gx.ravel() - x0) / (x1 - x0) - 1, 2 * (gy.ravel() - y0) / (y1 - y0) - 1
+    design = polynomial_terms(uu, vv, correction.order).T
+    coeffs, *_ = np.linalg.lstsq(design, values, rcond=None)
+    return ApertureCorrection(coeffs, correction.order, (x0, y0, x1, y1), rms=correction.rms, err=correction.err)
