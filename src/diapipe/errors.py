@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from lsst.pipe.base import AlgorithmError, RepeatableQuantumError
 
-__all__ = ["BadInputError", "DiapipeAlgorithmError", "TooFewSourcesError", "data_id_str"]
+__all__ = ["BadInputError", "DiapipeAlgorithmError", "TooFewSourcesError", "data_id_str", "naming_data_id"]
 
 
 def data_id_str(data_id) -> str:
@@ -53,3 +53,12 @@ class DiapipeAlgorithmError(AlgorithmError):
 
 class TooFewSourcesError(DiapipeAlgorithmError):
     """Fewer usable sources than a fit needs (PSF, astrometry, kernel)."""
+
+
+def naming_data_id(err: DiapipeAlgorithmError, label: str, data_id) -> DiapipeAlgorithmError:
+    """``err`` again, its message prefixed by the task label and the quantum's data ID
+    (pipetask logs the data ID on another line; the reason should carry it too).
+    Raise it ``from err``."""
+    where = data_id_str(data_id)
+    return type(err)(f"{label} for {{{where}}}: {err}",
+                     **{k: v for k, v in err.metadata.items() if k != "message"}, dataId=where)

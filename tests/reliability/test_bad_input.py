@@ -15,6 +15,7 @@ from _reliability import (
     DETECTOR,
     DIFFIM_COLLECTION,
     INSTRUMENT,
+    TEMPLATE_COLLECTION,
     pipeline_uri,
     pipetask_inprocess,
     run_subset,
@@ -217,3 +218,53 @@ def test_read_only_repository(diffim_repo):
     assert "database is read-only" in str(info.value), repr(info.value)
     with pytest.raises(MissingCollectionError):
         Butler.from_config(str(diffim_repo)).registry.getCollectionType(output)
+
+
+def test_astrometry_cannot_converge(diffim_repo, science_visits):
+    """An icExp whose pointing is 3' off (beyond calibrate.maxOffsetArcsec = 20"): its
+    calibrate quantum fails naming the data ID and the reason; the other visit's calexp is
+    made; no calexp is left for the failed one."""
+    from lsst.daf.butler import Butler
+
+    butler = Butler.from_config(str(diffim_repo), writeable=True)
+    bad, good = science_visits[:2]
+    exposure = butler.get("icExp", instrument=INSTRUMENT, visit=bad, detector=DETECTOR, collections=DIFFIM_COLLECTION)
+    exposure.wcs.wcs.crval = exposure.wcs.wcs.crval + np.array([0.0, 3.0 / 60.0])
+    run = unique("off_pointing")
+    butler.registry.registerRun(run)
+    butler.put(exposure, "icExp", instrument=INSTRUMENT, visit=bad, detector=DETECTOR, run=run)
+    output = unique("no_astrometry")
+    code, log = pipetask_inprocess([
+        "run", "-j", "1", "-b", str(diffim_repo), "-i", f"{run},{DIFFIM_COLLECTION}", "-o", output,
+        "-p", pipeline_uri("ApPipe.yaml#calibrate"), "-d", visits_where([bad, good]),
+    ])
+    assert code == 1
+    assert "Executed 1 quanta successfully, 1 failed and 0 remain out of total 2 quanta" in log, log[-2000:]
+    lines = [ln for ln in log.splitlines() if "ERROR" in ln and f"visit: {bad}," in ln and "failed." in ln]
+    assert lines, log[-2000:]
+    assert f"calibrate for {{instrument={INSTRUMENT}, detector={DETECTOR}, visit={bad}}}: astrometry did not converge" in log, log[-3000:]
+    written = {int(r.dataId["visit"]) for r in Butler.from_config(str(diffim_repo)).query_datasets(
+        "calexp", collections=butler.registry.getCollectionChain(output)[0], explain=False)}
+    assert written == {good}
+
+
+def test_too_few_good_seeing_visits(diffim_repo):
+    """selectGoodSeeingVisits asked for more visits than the patch has: the quantum fails
+    naming the patch and both numbers; nothing is written."""
+    from lsst.daf.butler import Butler
+
+    output = unique("few_visits")
+    code, log = pipetask_inprocess([
+        "run", "-j", "1", "-b", str(diffim_repo), "-i", TEMPLATE_COLLECTION, "-o", output,
+        "-p", pipeline_uri("ApTemplate.yaml#selectGoodSeeingVisits"),
+        "-d", "skymap='DC2' AND tract=3828 AND patch=24 AND band='g'",
+        "-c", "selectGoodSeeingVisits:minRequiredVisits=50",
+    ])
+    assert code == 1
+    assert "0 quanta successfully, 1 failed" in log, log[-2000:]
+    assert ("selectGoodSeeingVisits for {band=g, instrument=LSSTCam-imSim, skymap=DC2, tract=3828, patch=24}: "
+            "only 6 usable visits") in log, log[-3000:]
+    assert "a template needs at least 50" in log
+    chain = Butler.from_config(str(diffim_repo)).registry.getCollectionChain(output)
+    assert not Butler.from_config(str(diffim_repo)).query_datasets("goodSeeingVisits", collections=chain[0],
+                                                                   explain=False)

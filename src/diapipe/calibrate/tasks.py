@@ -8,7 +8,7 @@ import lsst.pex.config as pexConfig
 import lsst.pipe.base as pipeBase
 import lsst.pipe.base.connectionTypes as cT
 
-from ..errors import BadInputError, DiapipeAlgorithmError, data_id_str
+from ..errors import BadInputError, DiapipeAlgorithmError, data_id_str, naming_data_id
 from ..exposure.exposure import Exposure
 
 __all__ = [
@@ -85,8 +85,7 @@ class CharacterizeImageTask(pipeBase.PipelineTask):
         try:
             outputs = self.run(**inputs)
         except DiapipeAlgorithmError as err:
-            err.metadata["dataId"] = data_id_str(butlerQC.quantum.dataId)
-            raise
+            raise naming_data_id(err, self._DefaultName, butlerQC.quantum.dataId) from err
         butlerQC.put(outputs, outputRefs)
 
     def run(self, *, exposure: Exposure) -> pipeBase.Struct:
@@ -211,8 +210,7 @@ class CalibrateTask(pipeBase.PipelineTask):
         try:
             outputs = self.run(refcat=refcat, **inputs)
         except DiapipeAlgorithmError as err:
-            err.metadata["dataId"] = data_id_str(butlerQC.quantum.dataId)
-            raise
+            raise naming_data_id(err, self._DefaultName, butlerQC.quantum.dataId) from err
         butlerQC.put(outputs, outputRefs)
 
     def run(self, *, exposure: Exposure, background, refcat) -> pipeBase.Struct:

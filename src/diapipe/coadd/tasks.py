@@ -9,7 +9,7 @@ import lsst.pex.config as pexConfig
 import lsst.pipe.base as pipeBase
 import lsst.pipe.base.connectionTypes as cT
 
-from ..errors import DiapipeAlgorithmError, data_id_str
+from ..errors import DiapipeAlgorithmError, data_id_str, naming_data_id
 from ..exposure.exposure import Exposure, PhotoCalib
 from ..exposure.masks import MASK_DTYPE, bit
 
@@ -103,11 +103,7 @@ class SelectGoodSeeingVisitsTask(pipeBase.PipelineTask):
         try:
             outputs = self.run(fwhm_by_visit=fwhm)
         except DiapipeAlgorithmError as err:
-            err.metadata["dataId"] = data_id_str(butlerQC.quantum.dataId)
-            raise DiapipeAlgorithmError(
-                f"selectGoodSeeingVisits for {{{data_id_str(butlerQC.quantum.dataId)}}}: {err}",
-                **{k: v for k, v in err.metadata.items() if k != "message"},
-            ) from err
+            raise naming_data_id(err, self._DefaultName, butlerQC.quantum.dataId) from err
         butlerQC.put(outputs, outputRefs)
 
     def run(self, *, fwhm_by_visit: dict[int, float]) -> pipeBase.Struct:
