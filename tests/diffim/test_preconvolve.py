@@ -186,7 +186,7 @@ def test_detection_on_score_measures_on_difference():
     assert res.stats["score_noise_scale"] == pytest.approx(1.0, abs=0.05)
 
 
-def test_score_holes_fall_back_to_filtered_difference():
+def test_score_holes_fall_back_to_difference_detection():
     from diffim.test_dia_sources import _add, _difference, _run
 
     from diapipe.exposure.exposure import Exposure
@@ -213,7 +213,10 @@ def test_score_connections_follow_config():
 
     sub = tasks.SubtractImagesConfig()
     det = tasks.DetectAndMeasureConfig()
-    assert sub.preconvolution == "never" and not det.doDetectOnScore  # measured worse on the test preset
+    # on by default since the difference-image fallback at the score's border (measured on both presets)
+    assert sub.preconvolution == "sharperScience" and det.doDetectOnScore and det.doRemoveScoreCentroidFailures
+    sub.preconvolution = "never"
+    det.doDetectOnScore = False
     assert "scoreExposure" not in tasks.SubtractImagesConnections(config=sub).outputs
     assert "scoreExposure" not in tasks.DetectAndMeasureConnections(config=det).inputs
     sub.preconvolution = "sharperScience"

