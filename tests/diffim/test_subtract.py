@@ -208,6 +208,31 @@ def test_nan_region_is_masked_not_propagated(pair):
     assert np.std(z[blank]) == pytest.approx(1.0, abs=0.05)
 
 
+def test_float32_inputs_are_read_not_written(pair, result):
+    """Inputs already float32/int32 are used without copies (`_clean(copy=False)`): never modified."""
+    d = dict(pair)
+    for key in ("science", "science_var", "template", "template_var"):
+        d[key] = pair[key].astype(np.float32)
+    d["science_mask"] = pair["science_mask"].copy()
+    d["template_mask"] = pair["template_mask"].copy()
+    keys = ("science", "science_var", "science_mask", "template", "template_var", "template_mask")
+    before = {k: d[k].copy() for k in keys}
+    same = _run(d, mode="auto")
+    # float64 -> float32 happens either way: the subtraction is bit-identical
+    np.testing.assert_array_equal(same.difference_image, result.difference_image)
+    np.testing.assert_array_equal(same.difference_mask, result.difference_mask)
+    for key in keys:
+        np.testing.assert_array_equal(d[key], before[key], err_msg=f"convolveTemplate wrote into {key}")
+    # the science image now needs filling (copied); the template planes are used as they are
+    d["science"][300, 300] = np.nan
+    d["template_mask"][50:52, 60:90] |= masks.bit("BAD")
+    before = {k: d[k].copy() for k in keys}
+    res = _run(d, mode="convolveScience", max_median_chi2=np.inf)  # (a deconvolution here)
+    assert masks.any_set(res.difference_mask, "NO_DATA")[300, 300]
+    for key in keys:
+        np.testing.assert_array_equal(d[key], before[key], err_msg=f"convolveScience wrote into {key}")
+
+
 def test_template_saturation_becomes_sat_template(pair):
     d = dict(pair)
     tmask = d["template_mask"].copy()

@@ -165,7 +165,11 @@ def decorrelate_difference(
     correction = decorrelation_kernel(matching_kernel, var_u, var_c)
     image = fft_convolve_same(difference, [correction.kernel])[0]
     dtype = np.result_type(variance_unconvolved, variance_convolved)
-    variance = variance_unconvolved * dtype.type(correction.weight_unconvolved)
-    variance += variance_convolved * dtype.type(correction.weight_convolved)
+    variance = np.multiply(variance_unconvolved, dtype.type(correction.weight_unconvolved), dtype=dtype)
+    # the second term in row blocks: no full-frame temporary
+    w_c = dtype.type(correction.weight_convolved)
+    rows = max(1, (1 << 20) // max(variance.shape[-1], 1)) if variance.ndim == 2 else variance.shape[0]
+    for start in range(0, variance.shape[0], rows):
+        variance[start : start + rows] += variance_convolved[start : start + rows] * w_c
     new_psf = _convolve_psf(psf, correction.kernel) if psf is not None else None
     return DecorrelationResult(image=image, variance=variance, psf=new_psf, correction=correction)

@@ -78,7 +78,9 @@ class SubtractionResult:
     metadata : `dict`
         ``mode``, ``kernel_size``, ``n_stamps_used``, ``n_stamps_rejected``,
         ``scale_factor`` (science/template flux ratio), ``kernel_sum``,
-        ``science_variance_scale``, ``template_variance_scale``, PSF sigmas, timing...
+        ``science_variance_scale``, ``template_variance_scale``, PSF sigmas, timing
+        (``time_fit_s``, ``time_total_s``, and ``time_steps_s``: a dict of wall seconds per
+        step, which task metadata skips as it is not a scalar).
     """
 
     difference_image: np.ndarray
@@ -261,17 +263,30 @@ def photometric_scale_correction(
     return centre, float(1.0 / np.sqrt(np.sum(w))), int(use.sum())
 
 
-def _clean(image, variance, mask, name):
+def _clean(image, variance, mask, name, *, copy: bool = True):
+    """Working float32/int32 copies of one exposure's planes, unusable pixels set NO_DATA and filled.
+
+    The variance is always a fresh array (callers rescale it in place). With
+    ``copy=False`` the image and mask are the caller's own arrays when they already
+    have the working dtype and need no filling: the caller must then only read them
+    (`subtract_images` does; it saves two full-frame copies per exposure).
+    """
     # float32 throughout (the inputs' precision): halves memory traffic and FFT cost
-    image = np.array(image, dtype=np.float32, copy=True)
+    image = np.array(image, dtype=np.float32, copy=True) if copy else np.asarray(image, dtype=np.float32)
     variance = np.array(variance, dtype=np.float32, copy=True)
-    mask = np.array(mask, dtype=masks.MASK_DTYPE, copy=True)
+    mask = np.array(mask, dtype=masks.MASK_DTYPE, copy=True) if copy else np.asarray(mask, dtype=masks.MASK_DTYPE)
     if not (image.shape == variance.shape == mask.shape):
         raise ValueError(f"{name}: image {image.shape}, variance {variance.shape}, mask {mask.shape} differ")
+    # Three reductions prove the common case clean (a NaN or inf anywhere makes a sum
+    # non-finite); only then are the per-pixel maps built.
+    if np.isfinite(image.sum()) and np.isfinite(variance.sum()) and variance.size and variance.min() > 0:
+        return image, variance, mask
     bad = ~np.isfinite(image) | ~np.isfinite(variance) | (variance <= 0)
     if bad.all():
         raise ValueError(f"{name}: no finite pixels with positive variance")
     if bad.any():
+        if not copy:
+            image, mask = image.copy(), mask.copy()
         masks.set_plane(mask, bad, "NO_DATA")
         image[bad] = 0.0
         variance[bad] = np.median(variance[~bad])
@@ -367,8 +382,11 @@ def subtract_images(
         Inconsistent shapes, an unknown mode, or inputs without usable pixels.
     """
     t0 = time.perf_counter()
-    sci, sci_var, sci_mask = _clean(science_image, science_variance, science_mask, "science")
-    tmp, tmp_var, tmp_mask = _clean(template_image, template_variance, template_mask, "template")
+    # Images and masks are only read below (every output is a new array): no copies
+    # of inputs that are already float32 / int32 and clean.
+    sci, sci_var, sci_mask = _clean(science_image, science_variance, science_mask, "science", copy=False)
+    tmp, tmp_var, tmp_mask = _clean(template_image, template_variance, template_mask, "template", copy=False)
+    t_clean = time.perf_counter()
     if sci.shape != tmp.shape:
         raise ValueError(f"science {sci.shape} and template {tmp.shape} must be on the same pixel grid")
     meta: dict = {}
@@ -379,6 +397,7 @@ def subtract_images(
                 raise ValueError(f"{name}: variance rescale factor {factor:.3g} outside (0.1, 10); bad variance plane")
             var *= factor
             meta[f"{name}_variance_scale"] = factor
+    t_rescale = time.perf_counter()
     if mode == "auto":
         convolve_template = choose_convolve_template(science_psf, template_psf)
     elif mode in ("convolveTemplate", "convolveScience"):
@@ -425,6 +444,8 @@ def subtract_images(
         min_sources=min_kernel_sources,
         mask_half_size=int(np.ceil(fwhm_tgt)),
     )
+    if not (rescale_photometry and convolve_template):
+        del combined_mask  # 64 MB at 4k x 4k: not held through the convolution
     width = np.sqrt(max(sig_tgt**2 - sig_src**2, 0.5**2))
     bad_bits = masks.bits(STAMP_BAD_PLANES)
     fit = fit_psf_matching_kernel(
@@ -443,8 +464,9 @@ def subtract_images(
         min_stamps=min_kernel_sources,
         max_median_chi2=max_median_chi2,
         expected_kernel_sq_sum=1.0 / (4.0 * np.pi * width**2),
-        source_bad=(src_mask & bad_bits) != 0,
-        target_bad=((sci_mask if convolve_template else tmp_mask) & bad_bits) != 0,
+        source_bad=src_mask,
+        target_bad=sci_mask if convolve_template else tmp_mask,
+        bad_bits=bad_bits,
         debias_source_noise=debias_kernel_fit,
     )
     solution = fit.solution
@@ -455,6 +477,7 @@ def subtract_images(
     matched, matched_var, matched_mask = convolve_with_solution(
         src, src_var, src_mask, solution, exact_variance=exact_variance
     )
+    t_convolve = time.perf_counter()
     meta["kernel_sum_fitted"] = float(solution.kernel_sum())
     if rescale_photometry and convolve_template:
         # (convolveScience is left alone: there the target is the template, whose coadd PSF
@@ -483,26 +506,28 @@ def subtract_images(
     kernel_centre = solution.kernel_image()
     ksum = float(kernel_centre.sum())
     meta["kernel_sum"] = ksum
-    # Template planes that travel to the difference: SAT -> SAT_TEMPLATE.
+    # Template planes that travel to the difference: SAT -> SAT_TEMPLATE. (Whole-frame
+    # integer operations only: boolean fancy indexing of a 4k x 4k frame costs ~50 ms a time.)
     if convolve_template:
-        tmpl_planes = matched_mask
-        diff_mask = sci_mask.copy()
-        raw_difference = sci - matched
+        tmpl_planes, diff_mask = matched_mask, sci_mask.copy()
+        raw_difference = np.subtract(sci, matched)
     else:
-        tmpl_planes = tmp_mask
-        diff_mask = matched_mask.copy()
-        raw_difference = matched - tmp
-    carry = tmpl_planes & masks.bits(TEMPLATE_PLANES)
+        tmpl_planes, diff_mask = tmp_mask, matched_mask.copy()
+        raw_difference = np.subtract(matched, tmp)
+    carry = tmpl_planes & masks.MASK_DTYPE(masks.bits(TEMPLATE_PLANES))
     diff_mask |= carry
-    masks.set_plane(diff_mask, masks.any_set(tmpl_planes, "SAT"), "SAT_TEMPLATE")
+    np.bitwise_and(tmpl_planes, masks.MASK_DTYPE(masks.bit("SAT")), out=carry)
+    np.left_shift(carry, masks.MASK_PLANES["SAT_TEMPLATE"] - masks.MASK_PLANES["SAT"], out=carry)
+    diff_mask |= carry
+    del carry
     # The convolution border (EDGE on the matched image) saw zero padding: no data there.
-    border = np.ones(sci.shape, bool)
-    border[half_k:-half_k, half_k:-half_k] = False
-    masks.set_plane(diff_mask, border, "NO_DATA")
-    masks.set_plane(diff_mask, border, "EDGE")
+    border_bits = masks.MASK_DTYPE(masks.bits(("NO_DATA", "EDGE")))
+    for edge in (np.s_[:half_k], np.s_[-half_k:], np.s_[half_k:-half_k, :half_k], np.s_[half_k:-half_k, -half_k:]):
+        diff_mask[edge] |= border_bits
     no_data = masks.any_set(diff_mask, "NO_DATA")
-    raw_difference[no_data] = 0.0
-    stats_good = ~masks.any_set(diff_mask, STATS_BAD_PLANES)
+    np.copyto(raw_difference, 0.0, where=no_data)
+    stats_good = (diff_mask & masks.MASK_DTYPE(masks.bits(STATS_BAD_PLANES))) == 0
+    t_difference = time.perf_counter()
     if decorrelate:
         dec = decorrelate_difference(
             raw_difference,
@@ -517,17 +542,22 @@ def subtract_images(
         meta["decorrelation_weight_convolved"] = dec.correction.weight_convolved
     else:
         difference, diff_var, diff_psf = raw_difference, tgt_var + matched_var, tgt_psf
+    t_decorrelate = time.perf_counter()
     if convolve_template:
         meta["scale_factor"] = ksum
     else:
-        difference = difference / ksum
-        diff_var = diff_var / ksum**2
-        matched = matched / ksum
-        matched_var = matched_var / ksum**2
+        # every one of these is a fresh array of this call: scaled in place
+        difference /= ksum
+        diff_var /= ksum**2
+        matched /= ksum
+        matched_var /= ksum**2
         meta["scale_factor"] = 1.0 / ksum
-    difference[no_data] = np.nan
-    diff_var[no_data] = np.nan
+    np.copyto(difference, np.nan, where=no_data)
+    np.copyto(diff_var, np.nan, where=no_data)
     meta["time_fit_s"] = t_fit - t0
+    meta["time_steps_s"] = {"clean": t_clean - t0, "rescale_variance": t_rescale - t_clean, "fit": t_fit - t_rescale,
+                            "convolve": t_convolve - t_fit, "difference_mask": t_difference - t_convolve,
+                            "decorrelate": t_decorrelate - t_difference}
     meta["time_total_s"] = time.perf_counter() - t0
     return SubtractionResult(
         difference_image=difference,
