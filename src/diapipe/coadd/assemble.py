@@ -185,7 +185,6 @@ def find_artifacts(
     max_epochs: int | None = None,
     spatial_threshold: float = 0.5,
     grow_pix: int = 2,
-    wing_fraction: float = 0.002,
 ) -> list[np.ndarray]:
     """CompareWarp-style artifact detection; returns one boolean "clip" map per input.
 
@@ -211,15 +210,6 @@ def find_artifacts(
         Fraction of a footprint's pixels that must be such rare outliers.
     grow_pix : `int`
         Clipped footprints are grown by this many pixels.
-    wing_fraction : `float`
-        Further tolerance, this fraction of the brightest reference pixel within the
-        matching kernel's radius: PSF models stop at their stamp edge, so the wings of
-        bright stars (seeing-dependent halos 10-30 px out) are not matched; on ci_imsim
-        they were clipped in ring-shaped pieces around every bright star, in all
-        epochs at some pixels (holes in the template).
-
-    Pixels clipped in more than ``max_epochs`` inputs are not artifacts by definition
-    (persistent structure the matching missed) and are kept in all of them.
     """
     n = len(images)
     if max_epochs is None:
@@ -237,9 +227,6 @@ def find_artifacts(
         warnings.simplefilter("ignore", RuntimeWarning)
         ref = np.nanmedian(np.where(cover, matched, np.nan), axis=0)
     ref = np.where(np.isfinite(ref), ref, 0.0)
-    abs_ref = np.abs(ref)
-    radius = kernels[0].shape[0] // 2
-    near_peak = ndimage.maximum_filter(abs_ref, size=2 * radius + 1, mode="nearest") if wing_fraction > 0 else 0.0
     outliers = np.zeros(matched.shape, bool)
     for i in range(n):
         diff = matched[i] - ref
@@ -247,8 +234,7 @@ def find_artifacts(
         if d.size < 10:
             continue
         rms = 1.4826 * np.median(np.abs(d - np.median(d)))
-        tolerance = nsigma * rms + (ref_fraction + residuals[i]) * abs_ref + wing_fraction * near_peak
-        outliers[i] = cover[i] & (np.abs(diff) > tolerance)
+        outliers[i] = cover[i] & (np.abs(diff) > nsigma * rms + (ref_fraction + residuals[i]) * np.abs(ref))
     count = outliers.sum(axis=0)
     rare = (count >= 1) & (count <= max_epochs)
     structure = np.ones((3, 3), bool)
@@ -264,8 +250,7 @@ def find_artifacts(
             if grow_pix > 0 and clip.any():
                 clip = ndimage.binary_dilation(clip, structure=structure, iterations=int(grow_pix))
         clips.append(clip & usable[i])
-    persistent = np.sum(clips, axis=0) > max_epochs
-    return [clip & ~persistent for clip in clips]
+    return clips
 
 
 def _sigma_clip(images, variances, usable, weights, nsigma: float, n_iter: int = 3) -> list[np.ndarray]:
