@@ -41,18 +41,22 @@ GAUSSIAN_FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
 def background_mask(mask: np.ndarray, grow_pix: int) -> np.ndarray:
     """Copy of ``mask`` with DETECTED grown by ``grow_pix`` pixels (a square-ish octagon),
     for the background statistics only: the undetected outer wings of detected sources
-    are kept out of the sky estimate."""
-    from scipy import ndimage
+    are kept out of the sky estimate.
+
+    The octagon is what ``grow_pix`` alternating 4- and 8-connected unit dilations give
+    (``ceil(grow_pix / 2)`` crosses and ``floor(grow_pix / 2)`` squares, close to a disk):
+    ``max(|dx|, |dy|) <= ceil/2 + floor/2`` and ``|dx| + |dy| <= ceil/2 + 2 floor/2``,
+    applied in one pass of row-wise maximum filters (`diapipe.measure.detection.dilate_rows`).
+    """
+    from ..measure.detection import dilate_rows
 
     out = np.array(mask, dtype=np.int32, copy=True)
     detected = any_set(out, ["DETECTED"])
     if grow_pix > 0 and detected.any():
-        # alternate the 4- and 8-connected steps: an octagon, close to a disk of radius grow_pix
-        cross = ndimage.generate_binary_structure(2, 1)
-        square = ndimage.generate_binary_structure(2, 2)
-        for k in range(int(grow_pix)):
-            detected = ndimage.binary_dilation(detected, structure=square if k % 2 else cross)
-        out[detected] |= np.int32(bit("DETECTED"))
+        n_cross, n_square = (int(grow_pix) + 1) // 2, int(grow_pix) // 2
+        reach, diamond = n_cross + n_square, n_cross + 2 * n_square
+        detected = dilate_rows(detected, {dy: min(reach, diamond - abs(dy)) for dy in range(-reach, reach + 1)})
+        np.bitwise_or(out, np.int32(bit("DETECTED")), out=out, where=detected)
     return out
 
 
@@ -136,12 +140,15 @@ def characterize_image(
         grow = int(np.ceil(background_grow_fwhm * psf.fwhm())) if iteration else 0
         background = estimate_background(raw, background_mask(mask, grow), bin_size=background_bin_size,
                                          statistic=background_statistic)
-        image = (raw - background.evaluate(raw.shape)).astype(np.float32)
+        sky = background.evaluate(raw.shape)
+        image = (raw - sky).astype(np.float32, copy=False)
         sigma = psf.sigma()
         cr = find_cosmic_rays(image, variance, mask, psf_kernel=psf.compute_kernel_image(nx / 2, ny / 2))
         n_cr = int(repair_cosmic_rays(image, mask, cr))
         # keep the repaired pixels in the un-subtracted copy too, for the next background pass
-        raw = np.where(cr, image + background.evaluate(raw.shape), raw).astype(np.float32)
+        cy, cx = np.nonzero(cr)
+        raw[cy, cx] = (image[cy, cx] + sky[cy, cx]).astype(np.float32)
+        del cr
         footprints = detect_sources(image, variance, mask, sigma, detection_threshold, polarity="positive")
         catalog = measure_sources(image, variance, mask, psf, footprints)
         psf_stars = np.flatnonzero(select_psf_stars(catalog))
@@ -196,7 +203,7 @@ def characterize_image(
         "n_cosmic_ray_pixels": n_cr,
         "psf_sigma_pix": float(psf.sigma()),
         "psf_fwhm_pix": float(psf.fwhm()),
-        "sky_level_e": float(np.median(background.evaluate(raw.shape))),
+        "sky_level_e": float(np.median(sky)),
         "sky_noise_e": float(np.std(image[blank])) if blank.any() else float("nan"),
         "ap_corr_stats": {k: v for k, v in ap_stats.items() if np.isscalar(v)},
         # total / 12 px aperture flux of the PSF stars (task metadata: QA of the flux scale)

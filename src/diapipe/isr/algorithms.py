@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from diapipe.exposure.masks import MASK_DTYPE, any_set, bit, set_plane
+from diapipe.exposure.masks import MASK_DTYPE, any_set, bit
 from diapipe.instrument.camera import Amplifier, Detector, box_slices
 
 __all__ = [
@@ -144,15 +144,53 @@ def interpolate_over_columns(image: np.ndarray, bad: np.ndarray) -> tuple[np.nda
     good pixel at all are left unchanged and not marked).
     """
     out = np.array(image, dtype=float, copy=True)
+    bad = np.asarray(bad, dtype=bool)
     filled = np.zeros(bad.shape, dtype=bool)
-    xs = np.arange(image.shape[1])
-    for y in np.flatnonzero(bad.any(axis=1)):
-        good = ~bad[y]
-        if not good.any():
-            continue
-        out[y, bad[y]] = np.interp(xs[bad[y]], xs[good], out[y, good])
-        filled[y, bad[y]] = True
+    rows = np.flatnonzero(bad.any(axis=1))
+    for start in range(0, rows.size, _INTERP_ROWS):
+        chunk = rows[start : start + _INTERP_ROWS]
+        values = out[chunk]
+        filled[chunk] = _interpolate_rows(values, bad[chunk])
+        out[chunk] = values
     return out, filled
+
+
+#: Rows per chunk of the vectorised row interpolation (bounds its index temporaries).
+_INTERP_ROWS = 256
+
+
+def _interpolate_rows(values: np.ndarray, bad: np.ndarray) -> np.ndarray:
+    """Interpolate ``bad`` pixels of each row of ``values`` (float64, in place) from the nearest
+    good pixels on either side, with `numpy.interp`'s arithmetic; returns the filled pixels.
+
+    The nearest good pixel to the left (right) of every pixel is a running maximum (minimum) of
+    the good pixels' column numbers, so a whole block of rows is done without a Python loop.
+    """
+    nx = values.shape[1]
+    cols = np.arange(nx)
+    left = np.maximum.accumulate(np.where(bad, -1, cols), axis=1)
+    right = np.minimum.accumulate(np.where(bad, nx, cols)[:, ::-1], axis=1)[:, ::-1]
+    fill = bad & ((left >= 0) | (right < nx))  # rows with no good pixel stay as they are
+    yy, xx = np.nonzero(fill)
+    lo, hi = left[yy, xx], right[yy, xx]
+    inner = (lo >= 0) & (hi < nx)
+    new = np.empty(yy.size)
+    # beyond the first / last good pixel of a row: that pixel's value (numpy.interp's ends)
+    new[lo < 0] = values[yy[lo < 0], hi[lo < 0]]
+    new[hi >= nx] = values[yy[hi >= nx], lo[hi >= nx]]
+    y_in, x_in, l_in, h_in = yy[inner], xx[inner].astype(float), lo[inner], hi[inner]
+    f_lo, f_hi = values[y_in, l_in], values[y_in, h_in]
+    with np.errstate(invalid="ignore"):
+        slope = (f_hi - f_lo) / (h_in.astype(float) - l_in.astype(float))
+        val = slope * (x_in - l_in) + f_lo
+        nan = np.isnan(val)
+        if nan.any():  # numpy.interp's fallbacks (infinite neighbours)
+            val[nan] = slope[nan] * (x_in[nan] - h_in[nan]) + f_hi[nan]
+            same = np.isnan(val) & (f_lo == f_hi)
+            val[same] = f_lo[same]
+    new[inner] = val
+    values[yy, xx] = new
+    return fill
 
 
 def run_isr(
@@ -227,59 +265,102 @@ def run_isr(
             raise ValueError(f"Master {name} for detector {detector.name} has shape {np.shape(calib)}, "
                              f"expected {detector.shape}")  # fmt: skip
 
-    corrected, sat_amp, suspect_amp = {}, {}, {}
+    ny = detector.shape[0]
+    image = np.empty(detector.shape, dtype=float)  # ADU, then electrons (float64 throughout)
+    sat = np.empty(detector.shape, dtype=bool)
+    suspect = np.empty(detector.shape, dtype=bool)
     for amp in detector.amplifiers:
         if not np.isfinite(detector.raw_segment(raw, amp, "data")).any():
             raise ValueError(f"Amplifier {amp.name} of detector {detector.name} has no finite data pixels")
-        corrected[amp.name] = overscan_correct(
-            raw, detector, amp, fit=overscan_fit, poly_order=overscan_order
-        )
-        sat_amp[amp.name], suspect_amp[amp.name] = saturation_masks(corrected[amp.name], amp)
-
-    image_adu = assemble_amplifiers(corrected, detector)
-    sat = assemble_amplifiers(sat_amp, detector, dtype=bool)
-    suspect = assemble_amplifiers(suspect_amp, detector, dtype=bool)
-    nan = ~np.isfinite(image_adu)
-    image_adu[nan] = 0.0
-
-    image = image_adu * detector.amp_value_image("gain")
-    if bias is not None:
-        image -= bias
-    variance = np.clip(image, 0.0, None) + detector.amp_value_image("read_noise_e") ** 2
-    if dark is not None:
-        image -= np.asarray(dark, dtype=float) * exposure_time_s
+        corrected = overscan_correct(raw, detector, amp, fit=overscan_fit, poly_order=overscan_order)
+        box = box_slices(amp.bbox)
+        amp_sat, amp_suspect = saturation_masks(corrected, amp)
+        sat[box] = detector.raw_to_assembled(amp_sat, amp)
+        suspect[box] = detector.raw_to_assembled(amp_suspect, amp)
+        corrected *= amp.gain  # -> electrons (the same product as with a full-frame gain image)
+        image[box] = detector.raw_to_assembled(corrected, amp)
+        del corrected
+    nan = ~np.isfinite(image)
+    image[nan] = 0.0
 
     mask = np.zeros(detector.shape, dtype=MASK_DTYPE)
+    low = None
     if flat is not None:
-        flat = np.asarray(flat, dtype=float)
-        low = ~(flat >= min_flat)  # also catches NaN
-        safe = np.where(low, 1.0, flat)
-        image /= safe
-        variance /= safe**2
-        set_plane(mask, low, "BAD")
-
+        flat = np.asarray(flat)
+        low = ~(flat >= np.float64(min_flat))  # also catches NaN
+        _set(mask, low, "BAD")
     mask_defects(mask, defects)
     if saturation_grow_px > 0 and sat.any():
-        sat = ndimage.binary_dilation(sat, iterations=saturation_grow_px)
-    set_plane(mask, sat, "SAT")
-    set_plane(mask, suspect & ~sat, "SUSPECT")
-    set_plane(mask, nan, "NO_DATA")
-    set_plane(mask, nan, "BAD")
+        # iterated 4-connected dilations = one dilation by a diamond (cheap row-wise maxima)
+        from diapipe.measure.detection import dilate_rows
 
+        reach = int(saturation_grow_px)
+        sat = dilate_rows(sat, {dy: reach - abs(dy) for dy in range(-reach, reach + 1)})
+    _set(mask, sat, "SAT")
+    _set(mask, suspect & ~sat, "SUSPECT")
+    del sat, suspect
+    _set(mask, nan, "NO_DATA")
+    _set(mask, nan, "BAD")
+    del nan
     to_fix = any_set(mask, ["BAD", "SAT", "NO_DATA"])
-    if to_fix.any():
-        image, filled = interpolate_over_columns(image, to_fix)
-        variance, _ = interpolate_over_columns(variance, to_fix)
-        set_plane(mask, filled, "INTRP")
+    filled = np.zeros(detector.shape, dtype=bool)
+    unfixable_rows = np.flatnonzero(to_fix.all(axis=1))
+    good_variance = []  # float64 variances of the unmasked pixels, only when a row is lost
+
+    # Bias, variance, dark, flat and the interpolation over masked pixels by blocks of rows:
+    # each pixel goes through the same float64 operations as on full frames, but the working set
+    # stays in cache and the only full-frame arrays are the float64 image and the outputs.
+    read_noise2 = [(box_slices(amp.bbox), float(amp.read_noise_e) * float(amp.read_noise_e))
+                   for amp in detector.amplifiers]
+    bias = None if bias is None else np.asarray(bias)
+    dark = None if dark is None else np.asarray(dark)
+    image_out = np.empty(detector.shape, dtype=np.float32)
+    variance_out = np.empty(detector.shape, dtype=np.float32)
+    for y0 in range(0, ny, _ISR_ROWS):
+        rows = slice(y0, min(ny, y0 + _ISR_ROWS))
+        block = image[rows]
+        if bias is not None:
+            block -= bias[rows]
+        variance = np.maximum(block, 0.0)
+        for (ys, xs), rn2 in read_noise2:
+            a, b = max(ys.start, rows.start), min(ys.stop, rows.stop)
+            if a < b:
+                variance[a - y0 : b - y0, xs] += rn2
+        if dark is not None:
+            block -= np.asarray(dark[rows], dtype=float) * exposure_time_s
+        if flat is not None:
+            safe = np.where(low[rows], 1.0, np.asarray(flat[rows], dtype=float))
+            block /= safe
+            variance /= safe**2
+        fix = to_fix[rows]
+        if unfixable_rows.size:
+            good_variance.append(variance[~fix])
+        if fix.any():
+            filled[rows] = _interpolate_rows(block, fix)
+            _interpolate_rows(variance, fix)
+        image_out[rows] = block
+        variance_out[rows] = variance
+    del image
+    _set(mask, filled, "INTRP")
+    if unfixable_rows.size:
         unfixable = to_fix & ~filled  # whole rows lost: no data to interpolate from
-        if unfixable.any():
-            image[unfixable] = 0.0
-            variance[unfixable] = np.median(variance[~to_fix]) if (~to_fix).any() else 1.0
+        good_variance = np.concatenate(good_variance)
+        image_out[unfixable] = 0.0
+        variance_out[unfixable] = np.median(good_variance) if good_variance.size else 1.0
 
     if edge_px > 0:
         edge = np.zeros(detector.shape, dtype=bool)
         edge[:edge_px, :] = edge[-edge_px:, :] = True
         edge[:, :edge_px] = edge[:, -edge_px:] = True
-        set_plane(mask, edge, "EDGE")
+        _set(mask, edge, "EDGE")
 
-    return image.astype(np.float32), mask, variance.astype(np.float32)
+    return image_out, mask, variance_out
+
+
+def _set(mask: np.ndarray, where: np.ndarray, name: str) -> None:
+    """`diapipe.exposure.masks.set_plane` without the boolean-index gather/scatter."""
+    np.bitwise_or(mask, MASK_DTYPE(bit(name)), out=mask, where=where)
+
+
+#: Rows per block of run_isr's arithmetic.
+_ISR_ROWS = 64

@@ -20,7 +20,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.interpolate import CubicSpline
 
-from diapipe.exposure.masks import any_set
+from diapipe.exposure.masks import bits
 
 __all__ = ["DEFAULT_BACKGROUND_BAD_PLANES", "Background", "estimate_background", "subtract_background"]
 
@@ -28,6 +28,9 @@ __all__ = ["DEFAULT_BACKGROUND_BAD_PLANES", "Background", "estimate_background",
 DEFAULT_BACKGROUND_BAD_PLANES = ("BAD", "SAT", "NO_DATA", "DETECTED", "DETECTED_NEGATIVE", "CR", "EDGE")
 
 _STATISTICS = ("meanclip", "median", "mode")
+
+#: Rows per block of `Background.evaluate`'s second matrix product and of the pixel masking.
+_EVALUATE_ROWS = 128
 
 
 class Background:
@@ -91,7 +94,13 @@ class Background:
             self.interpolation,
             axis=0,
         )  # (nx, ncx)
-        return ((wy @ self.values) @ wx.T).astype(dtype, copy=False)
+        rows = wy @ self.values  # (ny, ncx)
+        out = np.empty((ny, nx), dtype=dtype)
+        wxt = np.ascontiguousarray(wx.T)
+        # by blocks of rows: no full-frame float64 temporary (each row's product is the same)
+        for y0 in range(0, ny, _EVALUATE_ROWS):
+            out[y0 : y0 + _EVALUATE_ROWS] = rows[y0 : y0 + _EVALUATE_ROWS] @ wxt
+        return out
 
     __call__ = evaluate
 
@@ -171,6 +180,16 @@ def _interp1d(knots, values, at, method, axis):
     return lo + t * (hi - lo)
 
 
+def _count_sorted(ordered: np.ndarray, limits: np.ndarray, side: str) -> np.ndarray:
+    """Per row of ``ordered`` (sorted, NaNs last): how many values are ``< limit`` (side "left")
+    or ``<= limit`` ("right"), compared in float64; 0 for a NaN limit (as an elementwise count)."""
+    out = np.zeros(len(limits), dtype=np.int64)
+    for i, limit in enumerate(np.asarray(limits, dtype=np.float64)):
+        if not np.isnan(limit):
+            out[i] = np.searchsorted(ordered[i].astype(np.float64), limit, side=side)
+    return out
+
+
 def _cell_statistics(cells: np.ndarray, statistic: str, nsigma: float, n_iter: int):
     """Clipped level, rms and pixel count of each row of ``cells`` (NaN = excluded pixel).
 
@@ -191,15 +210,25 @@ def _cell_statistics(cells: np.ndarray, statistic: str, nsigma: float, n_iter: i
         center = quantile(0.5)
         # Robust width from the interquartile range (a few bright pixels do not inflate it).
         width = (quantile(0.75) - quantile(0.25)) / 1.349
-        lo = np.sum(ordered < (center - nsigma * width)[:, None], axis=1)
-        hi = np.sum(ordered <= (center + nsigma * width)[:, None], axis=1)
-    filled = np.nan_to_num(ordered.astype(np.float64), nan=0.0)
-    csum = np.concatenate([np.zeros((filled.shape[0], 1)), np.cumsum(filled, axis=1)], axis=1)
-    csum2 = np.concatenate([np.zeros((filled.shape[0], 1)), np.cumsum(filled**2, axis=1)], axis=1)
+        # counts of values below / up to the clip limits: binary searches in the sorted rows
+        lo = _count_sorted(ordered, center - nsigma * width, "left")
+        hi = _count_sorted(ordered, center + nsigma * width, "right")
+    # prefix sums only as far as the last kept value (the masked NaNs sort after it)
+    cut = int(hi.max()) if hi.size else 0
+    filled = np.nan_to_num(ordered[:, :cut].astype(np.float64), nan=0.0)
+    csum = np.cumsum(filled, axis=1)
+    csum2 = np.cumsum(filled**2, axis=1)
+
+    def prefix(sums, k):
+        """Sum of the first ``k`` values of each row (0 for k = 0)."""
+        if not cut:
+            return np.zeros(k.size)
+        return np.where(k > 0, sums[rows, np.maximum(k - 1, 0)], 0.0)
+
     count = hi - lo
     n = np.maximum(count, 1)
-    mean = (csum[rows, hi] - csum[rows, lo]) / n
-    rms = np.sqrt(np.maximum((csum2[rows, hi] - csum2[rows, lo]) / n - mean**2, 0.0))
+    mean = (prefix(csum, hi) - prefix(csum, lo)) / n
+    rms = np.sqrt(np.maximum((prefix(csum2, hi) - prefix(csum2, lo)) / n - mean**2, 0.0))
     median = quantile(0.5)
     if statistic == "meanclip":
         level = mean
@@ -274,12 +303,9 @@ def estimate_background(
     if statistic not in _STATISTICS:
         raise ValueError(f"statistic must be one of {_STATISTICS}, got {statistic!r}")
     ny, nx = image.shape
-    usable = np.isfinite(image)
-    if mask is not None:
-        if mask.shape != image.shape:
-            raise ValueError(f"mask shape {mask.shape} differs from image shape {image.shape}")
-        if bad_planes:
-            usable &= ~any_set(mask, bad_planes)
+    if mask is not None and mask.shape != image.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from image shape {image.shape}")
+    bad_bits = bits(bad_planes) if mask is not None and bad_planes else 0
     bin_size = int(max(1, min(bin_size, ny, nx)))
     ncx = max(1, round(nx / bin_size))
     ncy = max(1, round(ny / bin_size))
@@ -287,7 +313,14 @@ def estimate_background(
     y_edges = np.linspace(0, ny, ncy + 1).round().astype(int)
     values = np.full((ncy, ncx), np.nan)
     rms = np.full((ncy, ncx), np.nan)
-    data = np.where(usable, image, np.nan).astype(np.float32, copy=False)
+    # unusable pixels -> NaN, by blocks of rows (no full-frame temporaries)
+    data = np.empty(image.shape, dtype=np.float32)
+    for y0 in range(0, ny, _EVALUATE_ROWS):
+        block = image[y0 : y0 + _EVALUATE_ROWS]
+        usable = np.isfinite(block)
+        if bad_bits:
+            usable &= (mask[y0 : y0 + _EVALUATE_ROWS] & bad_bits) == 0
+        data[y0 : y0 + _EVALUATE_ROWS] = np.where(usable, block, np.nan)
     # One row of cells at a time keeps memory at ~1 row of the image while
     # letting numpy vectorise over the cells of the row.
     for j in range(ncy):

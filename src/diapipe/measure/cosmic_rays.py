@@ -36,11 +36,12 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from diapipe.exposure.masks import any_set, set_plane
+from diapipe.exposure.masks import any_set, bits, set_plane
 
 __all__ = ["find_cosmic_rays", "psf_neighbour_ratios", "repair_cosmic_rays"]
 
 _DIRECTIONS = ((0, 1), (1, 0), (1, 1), (1, -1))  # (dy, dx): horizontal, vertical, two diagonals
+_BLOCK_ROWS = 128
 
 
 def psf_neighbour_ratios(psf_sigma_pix: float | None = None, kernel: np.ndarray | None = None) -> np.ndarray:
@@ -147,18 +148,27 @@ def find_cosmic_rays(
     if image.shape != variance.shape or (mask is not None and mask.shape != image.shape):
         raise ValueError("image, variance and mask must have the same shape")
     ratios = psf_neighbour_ratios(psf_sigma_pix, psf_kernel)
-    eight = np.ones((3, 3), bool)
-    sigma = np.sqrt(np.clip(variance, 0.0, None))
-    usable = np.isfinite(image) & np.isfinite(sigma)
-    if mask is not None and ignore_planes:
-        usable &= ~any_set(mask, ignore_planes)
-    work = np.where(usable, image, np.float32(0.0))
+    ny, nx = image.shape
+    bad_bits = bits(ignore_planes) if mask is not None and ignore_planes else 0
+    sigma = np.empty(image.shape, np.float32)
+    usable = np.empty(image.shape, bool)
+    work = np.empty(image.shape, np.float32)
     # Only significant pixels can be cosmic rays: test them sparsely (a few % of a detector).
-    significant = usable & (work > min_sigma * sigma) & (work > min_value)
+    significant = np.empty(image.shape, bool)
+    for y0 in range(0, ny, _BLOCK_ROWS):  # by blocks of rows: no full-frame temporaries
+        rows = slice(y0, y0 + _BLOCK_ROWS)
+        block, block_sigma = image[rows], np.sqrt(np.maximum(variance[rows], np.float32(0.0)))
+        ok = np.isfinite(block) & np.isfinite(block_sigma)
+        if bad_bits:
+            ok &= (mask[rows] & bad_bits) == 0
+        block_work = np.where(ok, block, np.float32(0.0))
+        sigma[rows], usable[rows], work[rows] = block_sigma, ok, block_work
+        significant[rows] = ok & (block_work > min_sigma * block_sigma) & (block_work > min_value)
     significant[[0, -1], :] = False
     significant[:, [0, -1]] = False
     py, px = np.nonzero(significant)
     cr = np.zeros(image.shape, bool)
+    n_cr = 0
     for _ in range(n_iter):
         if py.size == 0:
             break
@@ -167,24 +177,78 @@ def find_cosmic_rays(
             break
         hy, hx = py[hit], px[hit]
         cr[hy, hx] = True
-        if cr.sum() > max_fraction * cr.size:
+        n_cr += hy.size  # candidates are never already CRs, so these are new pixels
+        if n_cr > max_fraction * cr.size:
             raise ValueError(
-                f"find_cosmic_rays flagged {cr.mean():.1%} of the pixels (limit {max_fraction:.0%}): "
+                f"find_cosmic_rays flagged {n_cr / cr.size:.1%} of the pixels (limit {max_fraction:.0%}): "
                 f"psf_sigma_pix={psf_sigma_pix} is probably too large for this image"
             )
-        new = np.zeros(image.shape, bool)
-        new[hy, hx] = True
-        work = _interpolate(work, ~cr & usable, new)
+        # the new CR pixels are not good (cr is set): interpolating in place is safe
+        _interpolate_sparse(work, work, ~cr & usable, hy, hx)
         # Next pass: only the significant neighbours of what was just found can change.
-        near = ndimage.binary_dilation(new, structure=eight) & significant & ~cr
-        py, px = np.nonzero(near)
-    if grow_sigma is not None and cr.any():
+        ny_, nx_ = _neighbours(hy, hx, (ny, nx), _EIGHT)
+        near = significant[ny_, nx_] & ~cr[ny_, nx_]
+        py, px = ny_[near], nx_[near]
+    if grow_sigma is not None and n_cr:
         # Grow once, at the end, into significant neighbours (the faint wings of a track).
         # Growing inside the loop would let a CR next to a star eat into it: each
         # interpolated star pixel makes its neighbour look sharp in the next pass.
-        grown = ndimage.binary_dilation(cr, structure=eight)
-        cr |= grown & usable & (np.where(usable, image, 0.0) > grow_sigma * sigma)
+        cy, cx = np.nonzero(cr)
+        gy, gx = _neighbours(cy, cx, (ny, nx), _EIGHT)
+        grow = usable[gy, gx] & (image[gy, gx] > grow_sigma * sigma[gy, gx])
+        cr[gy[grow], gx[grow]] = True
     return cr
+
+
+#: (dy, dx) offsets of a 3x3 neighbourhood (8-connected dilation) and of a cross (4-connected).
+_EIGHT = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+_CROSS = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1))
+
+
+def _neighbours(py: np.ndarray, px: np.ndarray, shape, offsets):
+    """Pixels within ``offsets`` of any of (py, px), inside the image: unique, in raster order
+    (the pixels a binary dilation of the points would set, as `numpy.nonzero` lists them)."""
+    ny, nx = shape
+    yy = (py[None, :] + np.array([o[0] for o in offsets])[:, None]).ravel()
+    xx = (px[None, :] + np.array([o[1] for o in offsets])[:, None]).ravel()
+    inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+    flat = np.unique(yy[inside].astype(np.int64) * nx + xx[inside])
+    return flat // nx, flat % nx
+
+
+def _regions(py: np.ndarray, px: np.ndarray, shape) -> list[tuple[slice, slice]]:
+    """Bounding boxes of the 4-connected regions of the points (py, px) dilated by a cross,
+    in the order of `scipy.ndimage.label` + `find_objects` on that dilated image (raster order
+    of each region's first pixel), computed from the points alone."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    ny, nx = shape
+    ry, rx = _neighbours(py, px, shape, _CROSS)
+    flat = ry * nx + rx  # sorted
+    n = flat.size
+    edges_a, edges_b = [], []
+    for step, ok in ((1, rx < nx - 1), (nx, ry < ny - 1)):  # right and lower neighbours
+        target = flat + step
+        pos = np.searchsorted(flat, target)
+        found = ok & (pos < n)
+        found[found] = flat[pos[found]] == target[found]
+        edges_a.append(np.flatnonzero(found))
+        edges_b.append(pos[found])
+    a, b = np.concatenate(edges_a), np.concatenate(edges_b)
+    graph = coo_matrix((np.ones(a.size, np.int8), (a, b)), shape=(n, n))
+    _, comp = connected_components(graph, directed=False)
+    # order regions by their first pixel in raster order (flat is sorted: first occurrence)
+    _, first = np.unique(comp, return_index=True)
+    order = np.argsort(first)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    comp = rank[comp]
+    y0 = np.full(order.size, ny); y1 = np.full(order.size, -1)
+    x0 = np.full(order.size, nx); x1 = np.full(order.size, -1)
+    np.minimum.at(y0, comp, ry); np.maximum.at(y1, comp, ry)
+    np.minimum.at(x0, comp, rx); np.maximum.at(x1, comp, rx)
+    return [(slice(int(a0), int(a1) + 1), slice(int(b0), int(b1) + 1)) for a0, a1, b0, b1 in zip(y0, y1, x0, x1)]
 
 
 def _interpolate(
@@ -196,12 +260,23 @@ def _interpolate(
     with the number of cosmic rays rather than the image size.
     """
     out = image.copy()
-    labels, _ = ndimage.label(ndimage.binary_dilation(where, iterations=1))
-    pad = int(np.ceil(4 * sigma_pix)) + 1
+    wy, wx = np.nonzero(where)
+    _interpolate_sparse(out, image, good, wy, wx, sigma_pix)
+    return out
+
+
+def _interpolate_sparse(out, image, good, wy, wx, sigma_pix: float = 1.5) -> None:
+    """`_interpolate` of the pixels (wy, wx) (raster order), written into ``out``.
+
+    ``out`` may be ``image`` itself when no pixel to repair is ``good`` (their values
+    never enter the weighted means).
+    """
+    if wy.size == 0:
+        return
     ny, nx = image.shape
-    for slc in ndimage.find_objects(labels):
-        if slc is None:
-            continue
+    pad = int(np.ceil(4 * sigma_pix)) + 1
+    flat_w = wy.astype(np.int64) * nx + wx
+    for slc in _regions(wy, wx, (ny, nx)):
         y0, y1 = max(slc[0].start - pad, 0), min(slc[0].stop + pad, ny)
         x0, x1 = max(slc[1].start - pad, 0), min(slc[1].stop + pad, nx)
         box = (slice(y0, y1), slice(x0, x1))
@@ -210,11 +285,13 @@ def _interpolate(
             np.where(good[box], image[box], 0.0).astype(np.float32), sigma_pix, mode="constant"
         )
         den = ndimage.gaussian_filter(g, sigma_pix, mode="constant")
-        fix = where[box]
+        # every pixel to repair inside the box (also those of neighbouring regions), as a mask
+        lo, hi = np.searchsorted(flat_w, [y0 * nx, (y1 - 1) * nx + nx])
+        sel = (wx[lo:hi] >= x0) & (wx[lo:hi] < x1)
+        fy, fx = wy[lo:hi][sel] - y0, wx[lo:hi][sel] - x0
         sub = out[box]
         with np.errstate(invalid="ignore", divide="ignore"):
-            sub[fix] = np.where(den[fix] > 1e-3, num[fix] / den[fix], 0.0)
-    return out
+            sub[fy, fx] = np.where(den[fy, fx] > 1e-3, num[fy, fx] / den[fy, fx], 0.0)
 
 
 def repair_cosmic_rays(
@@ -240,7 +317,8 @@ def repair_cosmic_rays(
     good = ~cr_mask & np.isfinite(image)
     if mask is not None and bad_planes:
         good &= ~any_set(mask, bad_planes)
-    image[...] = _interpolate(image, good, cr_mask, sigma_pix)
+    wy, wx = np.nonzero(cr_mask)
+    _interpolate_sparse(image, image, good, wy, wx, sigma_pix)
     if mask is not None:
         set_plane(mask, cr_mask, "CR")
         set_plane(mask, cr_mask, "INTRP")

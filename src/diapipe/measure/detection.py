@@ -26,9 +26,9 @@ import numpy as np
 from astropy.table import Table, vstack
 from scipy import ndimage
 
-from diapipe.exposure.masks import any_set, bits, set_plane
+from diapipe.exposure.masks import bits, set_plane
 
-__all__ = ["Footprints", "detect_sources", "gaussian_kernel_1d", "smoothed_significance"]
+__all__ = ["Footprints", "detect_sources", "dilate_rows", "gaussian_kernel_1d", "good_pixels", "smoothed_significance"]
 
 _THRESHOLD_TYPES = ("pixel_stdev", "stdev", "variance")
 _POLARITIES = ("positive", "negative", "both")
@@ -110,22 +110,28 @@ def smoothed_significance(
     if threshold_type not in _THRESHOLD_TYPES:
         raise ValueError(f"threshold_type must be one of {_THRESHOLD_TYPES}, got {threshold_type!r}")
     g = gaussian_kernel_1d(sigma_pix)
-    data = np.asarray(image, dtype=np.float32)
-    var = np.asarray(variance, dtype=np.float32)
-    if valid is not None:
-        data = np.where(valid, data, np.float32(0.0))
-    smooth = ndimage.correlate1d(
-        ndimage.correlate1d(data, g, axis=0, mode="constant"), g, axis=1, mode="constant"
-    )
+    data = np.asarray(image)
+    var = np.asarray(variance)
     if threshold_type == "pixel_stdev":
-        var_in = var if valid is None else np.where(valid, var, np.float32(0.0))
+        # Row blocks: both smoothings and the ratio per block, so the working set stays in
+        # cache and no full-frame float temporaries are made (same arithmetic, same bits).
+        sig = np.empty(data.shape, np.float32)
         g2 = g**2
-        svar = ndimage.correlate1d(
-            ndimage.correlate1d(var_in, g2, axis=0, mode="constant"), g2, axis=1, mode="constant"
-        )
-        with np.errstate(divide="ignore", invalid="ignore"):
-            sig = np.where(svar > 0, smooth / np.sqrt(svar), np.float32(0.0))
-    elif threshold_type == "variance":
+        for rows, inner in _row_blocks(data.shape[0], g.size // 2):
+            block_valid = None if valid is None else valid[rows]
+            smooth = _smooth_block(data[rows], block_valid, g)[inner]
+            svar = _smooth_block(var[rows], block_valid, g2)[inner]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                out = np.where(svar > 0, smooth / np.sqrt(svar), np.float32(0.0))
+            if valid is not None:
+                out = np.where(valid[rows][inner], out, np.float32(0.0))
+            sig[rows][inner] = out
+        return sig
+    var = var.astype(np.float32, copy=False)
+    smooth = np.empty(data.shape, np.float32)
+    for rows, inner in _row_blocks(data.shape[0], g.size // 2):
+        smooth[rows][inner] = _smooth_block(data[rows], None if valid is None else valid[rows], g)[inner]
+    if threshold_type == "variance":
         good = var[np.isfinite(var) & (var > 0)] if valid is None else var[valid & (var > 0)]
         if good.size == 0:
             raise ValueError("variance plane has no positive finite pixel; cannot set a threshold")
@@ -143,6 +149,46 @@ def smoothed_significance(
     return sig.astype(np.float32, copy=False)
 
 
+def good_pixels(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None, bad_bits: int) -> np.ndarray:
+    """``isfinite(image) & isfinite(variance) & (mask & bad_bits == 0)``, by blocks of rows
+    (no full-frame temporaries; ``mask`` None or ``bad_bits`` 0: no mask condition)."""
+    out = np.empty(image.shape, bool)
+    for y0 in range(0, image.shape[0], _BLOCK_ROWS):
+        rows = slice(y0, y0 + _BLOCK_ROWS)
+        block = np.isfinite(image[rows])
+        block &= np.isfinite(variance[rows])
+        if mask is not None and bad_bits:
+            block &= (mask[rows] & bad_bits) == 0
+        out[rows] = block
+    return out
+
+
+#: Output rows per block of the blocked smoothing (the input block adds the kernel's half-width
+#: on each side); ~128 rows of a 4k-wide detector keep a block's planes in the L2 cache.
+_BLOCK_ROWS = 128
+
+
+def _row_blocks(ny: int, halo: int, block_rows: int = _BLOCK_ROWS):
+    """``(rows, inner)`` slices: input rows of each block (with ``halo`` rows of context on each
+    side, clipped to the image) and the block's own output rows relative to ``rows``."""
+    for y0 in range(0, ny, block_rows):
+        y1 = min(ny, y0 + block_rows)
+        a, b = max(0, y0 - halo), min(ny, y1 + halo)
+        yield slice(a, b), slice(y0 - a, y1 - a)
+
+
+def _smooth_block(block: np.ndarray, valid: np.ndarray | None, g: np.ndarray) -> np.ndarray:
+    """Separable correlation (float32, zero outside the image) of a block of whole rows.
+
+    Rows of the result within ``len(g) // 2`` of a block edge that is not an image edge
+    lack context and must be discarded (see `_row_blocks`).
+    """
+    block = block.astype(np.float32, copy=False)
+    if valid is not None:
+        block = np.where(valid, block, np.float32(0.0))
+    return ndimage.correlate1d(ndimage.correlate1d(block, g, axis=0, mode="constant"), g, axis=1, mode="constant")
+
+
 def _grow(binary: np.ndarray, radius: int) -> np.ndarray:
     """Dilate ``binary`` by a disk of ``radius`` pixels.
 
@@ -150,14 +196,35 @@ def _grow(binary: np.ndarray, radius: int) -> np.ndarray:
     dilation is a max over ``dy`` of shifted 1-d maximum filters — far
     cheaper than a 2-d structuring element on a full detector.
     """
-    src = binary.view(np.uint8) if binary.dtype == bool else binary.astype(np.uint8)
+    return dilate_rows(binary, {dy: int(np.floor(np.sqrt(radius**2 + 0.5 - dy**2))) for dy in range(-radius, radius + 1)})
+
+
+def dilate_rows(binary: np.ndarray, half_widths: dict[int, int]) -> np.ndarray:
+    """Binary dilation by a structuring element made of centred rows, ``{dy: half_width}``.
+
+    Pixels outside the image count as unset (as `scipy.ndimage.binary_dilation`). Each
+    distinct half-width costs one 1-d maximum filter along x; each row one shifted maximum.
+    Any element symmetric in x whose rows are centred intervals (disks, octagons, squares)
+    can be written this way.
+    """
+    src = binary.view(np.uint8) if binary.dtype == bool else binary.astype(bool).view(np.uint8)
     out = np.zeros_like(src)
+    needed = {half for half in half_widths.values() if half >= 0}
     rows = {}
-    for dy in range(-radius, radius + 1):
-        half = int(np.floor(np.sqrt(radius**2 + 0.5 - dy**2)))
-        if half not in rows:
-            rows[half] = ndimage.maximum_filter1d(src, 2 * half + 1, axis=1, mode="constant")
+    # half-width w from w - 1: two shifted maxima (cheaper than a 1-d maximum filter per width)
+    current = src
+    for half in range(max(needed, default=-1) + 1):
+        if half:
+            current = current.copy()
+            np.maximum(current[:, half:], src[:, :-half], out=current[:, half:])
+            np.maximum(current[:, :-half], src[:, half:], out=current[:, :-half])
+        if half in needed:
+            rows[half] = current
+    for dy, half in half_widths.items():
+        if half < 0:
+            continue
         row = rows[half]
+        # output row y takes input row y - dy (the element's row dy reaches it)
         if dy > 0:
             np.maximum(out[dy:], row[:-dy], out=out[dy:])
         elif dy < 0:
@@ -174,36 +241,45 @@ def _local_maxima(sig: np.ndarray, py: np.ndarray, px: np.ndarray, radius: int) 
     """
     ny, nx = sig.shape
     values = sig[py, px]
-    is_max = np.ones(py.size, bool)
-    for dy in range(-radius, radius + 1):
-        yy = np.clip(py + dy, 0, ny - 1)
-        for dx in range(-radius, radius + 1):
-            if dx == 0 and dy == 0:
-                continue
-            xx = np.clip(px + dx, 0, nx - 1)
-            neighbour = sig[yy, xx]
+    near = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+    far = [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)
+           if max(abs(dy), abs(dx)) > 1]
+    # The 8 nearest neighbours first: they reject almost every candidate, so the outer
+    # offsets are gathered for the survivors only (an AND of the same comparisons).
+    keep = np.arange(py.size)
+    for group in (near, far):
+        ky, kx, kv = py[keep], px[keep], values[keep]
+        ok = np.ones(keep.size, bool)
+        for dy, dx in group:
+            neighbour = sig[np.clip(ky + dy, 0, ny - 1), np.clip(kx + dx, 0, nx - 1)]
             # Ties: the first pixel in raster order wins, so plateaus give one peak.
             later = (dy > 0) | ((dy == 0) & (dx > 0))
-            is_max &= (values > neighbour) if not later else (values >= neighbour)
+            ok &= (kv > neighbour) if not later else (kv >= neighbour)
+        keep = keep[ok]
+    is_max = np.zeros(py.size, bool)
+    is_max[keep] = True
     return is_max
 
 
 def _one_polarity(sig, threshold, min_pixels, grow_pix, peak_radius, first_id):
     """Footprints and peaks of ``sig > threshold``; ids start at ``first_id``."""
     above = sig > threshold
-    labels, n = ndimage.label(above, structure=_EIGHT_CONNECTED)
-    if n == 0:
-        return np.zeros(sig.shape, np.int32), _empty_peaks()
-    ay, ax = np.nonzero(labels)
-    alab = labels[ay, ax]
-    areas = np.bincount(alab, minlength=n + 1)
-    big = areas >= min_pixels
-    keep_pix = big[alab]
-    ay, ax = ay[keep_pix], ax[keep_pix]
+    if min_pixels <= 1:
+        # every connected region is large enough: no need to label them
+        ay, ax = np.nonzero(above)
+        seed = above
+    else:
+        labels, n = ndimage.label(above, structure=_EIGHT_CONNECTED)
+        ay, ax = np.nonzero(labels)
+        alab = labels[ay, ax]
+        del labels
+        big = np.bincount(alab, minlength=n + 1) >= min_pixels
+        keep_pix = big[alab]
+        ay, ax = ay[keep_pix], ax[keep_pix]
+        seed = np.zeros(sig.shape, bool)
+        seed[ay, ax] = True
     if ay.size == 0:
         return np.zeros(sig.shape, np.int32), _empty_peaks()
-    seed = np.zeros(sig.shape, bool)
-    seed[ay, ax] = True
     if grow_pix > 0:
         seed = _grow(seed, int(grow_pix))
     labels, n = ndimage.label(seed, structure=_EIGHT_CONNECTED)
@@ -223,23 +299,16 @@ def _one_polarity(sig, threshold, min_pixels, grow_pix, peak_radius, first_id):
     has_peak[0] = False
     new_id = np.zeros(n + 1, np.int32)
     new_id[has_peak] = np.arange(first_id, first_id + has_peak.sum(), dtype=np.int32)
-    objects = ndimage.find_objects(labels)
-    areas = np.zeros(n + 1, np.int64)
-    out = np.zeros(sig.shape, np.int32)
-    for old, slc in enumerate(objects, start=1):
-        if slc is None:
-            continue
-        inside = labels[slc] == old
-        areas[old] = inside.sum()
-        if has_peak[old]:
-            out[slc][inside] = new_id[old]
+    # footprint areas: count the labels of the footprint pixels only (int32 -> no full-frame cast)
+    areas = np.bincount(labels.reshape(-1)[np.flatnonzero(seed)], minlength=n + 1)
+    out = new_id[labels]
     peaks = Table(
         {
             "footprint": new_id[fp].astype(np.int64),
             "x": px.astype(np.int64),
             "y": py.astype(np.int64),
             "significance": np.abs(values).astype(np.float64),
-            "footprint_area": areas[fp],
+            "footprint_area": areas[fp].astype(np.int64),
             "n_peaks": counts[fp].astype(np.int64),
             "rank": rank.astype(np.int64),
         }
@@ -326,9 +395,7 @@ def detect_sources(
             f"image {image.shape}, variance {variance.shape} and mask "
             f"{None if mask is None else mask.shape} must have the same shape"
         )
-    valid = np.isfinite(image) & np.isfinite(variance)
-    if mask is not None and ignore_planes:
-        valid &= ~any_set(mask, ignore_planes)
+    valid = good_pixels(image, variance, mask if ignore_planes else None, bits(ignore_planes) if ignore_planes else 0)
     sig = smoothed_significance(image, variance, psf_sigma_pix, threshold_type, valid=valid)
     peak_radius = max(1, round(psf_sigma_pix)) if peak_radius_pix is None else int(peak_radius_pix)
     labels = np.zeros(image.shape, np.int32)

@@ -80,7 +80,12 @@ def _stamp_indices(cx: np.ndarray, cy: np.ndarray, half: int, shape):
 
 
 def _cut(array: np.ndarray, iy: np.ndarray, ix: np.ndarray) -> np.ndarray:
-    return array[iy[:, :, None], ix[:, None, :]]
+    """Stamps ``array[iy[:, :, None], ix[:, None, :]]``, gathered with `numpy.take` on flat indices
+    (the same values, ~2x faster than the broadcast fancy index on a full detector)."""
+    if array.ndim != 2 or not array.flags.c_contiguous:
+        return array[iy[:, :, None], ix[:, None, :]]
+    flat = iy[:, :, None] * array.shape[1] + ix[:, None, :]
+    return np.take(array.reshape(-1), flat)
 
 
 def psf_kernels(psf: PixelPsf, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -126,9 +131,10 @@ def shifted_psf_stamps(
     shape = (ky_size, kx_size)
     if not derivatives:
         return sfft.irfft2(spectrum, s=shape, axes=(1, 2))
-    # One batched inverse transform for the stamp and both derivatives.
-    stacked = np.stack([spectrum, spectrum * (2j * np.pi * kx), spectrum * (2j * np.pi * ky)])
-    stamps, ddx, ddy = sfft.irfft2(stacked, s=shape, axes=(2, 3))
+    # The stamp and both derivatives (each 2-d transform is independent of the batch around it).
+    stamps = sfft.irfft2(spectrum, s=shape, axes=(1, 2))
+    ddx = sfft.irfft2(spectrum * (2j * np.pi * kx), s=shape, axes=(1, 2))
+    ddy = sfft.irfft2(spectrum * (2j * np.pi * ky), s=shape, axes=(1, 2))
     return stamps, ddx, ddy
 
 
@@ -241,6 +247,22 @@ def fit_centroids(image, variance, good_full, psf, x0, y0, n_iter=3, max_shift=2
     x, y, x_err, y_err : `numpy.ndarray`
     failed : `numpy.ndarray` of bool
     """
+    x0 = np.asarray(x0)
+    y0 = np.asarray(y0)
+    if x0.size <= _CHUNK:
+        return _fit_centroids(image, variance, good_full, psf, x0, y0, n_iter, max_shift)
+    # Sources are independent: chunks keep the (n, K, K) stamp arrays in cache.
+    parts = [_fit_centroids(image, variance, good_full, psf, x0[k : k + _CHUNK], y0[k : k + _CHUNK], n_iter, max_shift)
+             for k in range(0, x0.size, _CHUNK)]
+    return tuple(np.concatenate(col) for col in zip(*parts))
+
+
+#: Sources per chunk of the stamp computations (centroids, moments): (256, 25, 25) float64
+#: arrays are 1.3 MB, so an iteration's arrays stay in the L2/L3 cache.
+_CHUNK = 256
+
+
+def _fit_centroids(image, variance, good_full, psf, x0, y0, n_iter, max_shift):
     half = _core_half(psf)
     x, y = x0.astype(float).copy(), y0.astype(float).copy()
     kernels = psf_kernels(psf, x0, y0)
@@ -292,6 +314,11 @@ def _adaptive_moments(data, good, dx, dy, sigma0, n_iter=20):
     whose fixed point is W = source moments for a Gaussian source (the
     Bernstein & Jarvis scheme). Returns xx, yy, xy and a failure flag.
     """
+    if data.shape[0] > _CHUNK:
+        parts = [_adaptive_moments(data[k : k + _CHUNK], good[k : k + _CHUNK], dx[k : k + _CHUNK],
+                                   dy[k : k + _CHUNK], sigma0, n_iter)
+                 for k in range(0, data.shape[0], _CHUNK)]
+        return tuple(np.concatenate(col) for col in zip(*parts))
     n, k, _ = data.shape
     half = k // 2
     grid = np.arange(-half, half + 1, dtype=float)
@@ -303,22 +330,38 @@ def _adaptive_moments(data, good, dx, dy, sigma0, n_iter=20):
     d_all = np.where(good, data, 0.0)
     converged = np.zeros(n, bool)
     active = np.arange(n)
+    # Three (n, k, k) work buffers reused by every iteration (fresh full-size temporaries cost
+    # more in page faults than in arithmetic); the operations and their order are unchanged.
+    w_buf = np.empty((n, k, k))
+    t_buf = np.empty((n, k, k))
+    u_buf = np.empty((n, k, k))
     for _ in range(n_iter):
         if active.size == 0:
             break
-        xs, ys, d = xs_all[active], ys_all[active], d_all[active]
+        m = active.size
+        if m == n:
+            xs, ys, d = xs_all, ys_all, d_all
+        else:
+            xs, ys, d = xs_all[active], ys_all[active], d_all[active]
         axx, ayy, axy = wxx[active], wyy[active], wxy[active]
         det = axx * ayy - axy**2
-        q = (
-            ayy[:, None, None] * xs**2 - 2 * axy[:, None, None] * xs * ys + axx[:, None, None] * ys**2
-        ) / det[:, None, None]
-        w = np.exp(-0.5 * q) * d
+        # q = (ayy x^2 - 2 axy x y + axx y^2) / det, then w = exp(-q/2) d
+        w = w_buf[:m]
+        t = t_buf[:m]
+        u = u_buf[:m]
+        np.multiply(2 * axy[:, None, None] * xs, ys, out=w)
+        np.subtract(ayy[:, None, None] * xs**2, w, out=w)
+        np.add(w, axx[:, None, None] * ys**2, out=w)
+        np.divide(w, det[:, None, None], out=w)
+        np.multiply(w, -0.5, out=w)
+        np.exp(w, out=w)
+        np.multiply(w, d, out=w)
         norm = w.sum(axis=(1, 2))
         with np.errstate(divide="ignore", invalid="ignore"):
-            wx = w * xs
-            new_xx = 2 * (wx * xs).sum(axis=(1, 2)) / norm
-            new_xy = 2 * (wx * ys).sum(axis=(1, 2)) / norm
-            new_yy = 2 * (w * ys**2).sum(axis=(1, 2)) / norm
+            np.multiply(w, xs, out=t)  # w x
+            new_xx = 2 * np.multiply(t, xs, out=u).sum(axis=(1, 2)) / norm
+            new_xy = 2 * np.multiply(t, ys, out=u).sum(axis=(1, 2)) / norm
+            new_yy = 2 * np.multiply(w, ys**2, out=u).sum(axis=(1, 2)) / norm
         valid = (norm > 0) & (new_xx > 0.05) & (new_yy > 0.05) & (new_xx * new_yy - new_xy**2 > 0)
         valid &= (new_xx < (2 * half) ** 2) & (new_yy < (2 * half) ** 2)
         change = np.abs(new_xx - axx) + np.abs(new_yy - ayy) + np.abs(new_xy - axy)
@@ -450,9 +493,9 @@ def measure_sources(
         labels = None
     n = x0.size
     half = psf.kernel_size // 2
-    good_full = np.isfinite(image) & np.isfinite(variance)
-    if mask is not None:
-        good_full &= (mask & bits(PSF_FIT_BAD_PLANES)) == 0
+    from .detection import good_pixels
+
+    good_full = good_pixels(image, variance, mask, bits(PSF_FIT_BAD_PLANES))
 
     xc, yc, x_err, y_err, flag_centroid = fit_centroids(
         image, variance, good_full, psf, x0, y0, centroid_iterations, max_centroid_shift_pix
