@@ -143,6 +143,16 @@ def _archive_hdu(exposure: Exposure) -> fits.BinTableHDU:
     )
 
 
+def _mask_hdu(mask: np.ndarray, header) -> fits.ImageHDU | fits.CompImageHDU:
+    """The MASK extension, losslessly PLIO_1-compressed (IRAF's pixel-list codec, made for
+    masks: runs of equal values) when its values fit PLIO's 24 bits. A 4k x 4k mask is 65 MB
+    raw and ~0.1-1 MB compressed, a third of each exposure file; it costs ~0.2 s of CPU per
+    full-size write or read."""
+    if mask.size and 0 <= int(mask.min()) and int(mask.max()) < (1 << 24):
+        return fits.CompImageHDU(mask, header=header, name="MASK", compression_type="PLIO_1")
+    return fits.ImageHDU(mask, header=header, name="MASK")
+
+
 def write_exposure(exposure: Exposure, path: str | os.PathLike) -> None:
     """Write ``exposure`` to a multi-extension FITS file at ``path``."""
     primary = _primary_hdu(exposure)
@@ -152,7 +162,7 @@ def write_exposure(exposure: Exposure, path: str | os.PathLike) -> None:
     for key, number in plane_header().items():
         # afw writes these long names as HIERARCH cards too
         mask_header[key if len(key) <= 8 else f"HIERARCH {key}"] = number
-    mask_hdu = fits.ImageHDU(exposure.mask.astype(MASK_DTYPE, copy=False), header=mask_header, name="MASK")
+    mask_hdu = _mask_hdu(exposure.mask.astype(MASK_DTYPE, copy=False), mask_header)
     var_hdu = fits.ImageHDU(exposure.variance.astype(np.float32, copy=False), header=wcs_header, name="VARIANCE")
     hdus = [primary, image_hdu, mask_hdu, var_hdu, _archive_hdu(exposure)]
     if exposure.psf is not None:
