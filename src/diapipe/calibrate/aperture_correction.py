@@ -81,6 +81,14 @@ class ApertureCorrection:
         """A spatially constant correction."""
         return cls([value], 0, bbox)
 
+    @classmethod
+    def fit_values(cls, x, y, values, order: int, bbox, rms: float = 0.0, err: float = 0.0) -> ApertureCorrection:
+        """The polynomial of ``order`` over ``bbox`` that fits correction ``values`` at
+        positions ``(x, y)`` in least squares (e.g. a correction sampled on a grid)."""
+        u, v = cls.constant(1.0, bbox)._normalised(np.ravel(x), np.ravel(y))
+        coeffs, *_ = np.linalg.lstsq(polynomial_terms(u, v, order).T, np.ravel(values), rcond=None)
+        return cls(coeffs, order, bbox, rms=rms, err=err)
+
     coeffs = property(lambda self: self._coeffs, doc="Polynomial coefficients (read-only).")
     order = property(lambda self: self._order, doc="Polynomial order.")
     bbox = property(lambda self: self._bbox, doc="(x_min, y_min, x_max, y_max) box mapped to [-1, 1].")

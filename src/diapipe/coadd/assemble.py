@@ -285,6 +285,19 @@ def _pad_kernel(kernel: np.ndarray, size: int) -> np.ndarray:
     return np.pad(kernel, pad) if pad > 0 else kernel
 
 
+def _covered_grid(weights, used, xy0, n_grid: int):
+    """``(x, y, w)`` at an ``n_grid`` x ``n_grid`` grid over the coadd (parent coordinates):
+    ``w`` the inputs' weights where they contributed there, 0 elsewhere; points no input
+    covers are skipped."""
+    ny, nx = used[0].shape
+    for yy in np.linspace(0, ny - 1, n_grid):
+        for xx in np.linspace(0, nx - 1, n_grid):
+            iy, ix = int(round(yy)), int(round(xx))
+            w = np.array([wi if u[iy, ix] else 0.0 for wi, u in zip(weights, used, strict=True)])
+            if w.sum() > 0:
+                yield xx + xy0[0], yy + xy0[1], w
+
+
 def coadd_psf(psfs, weights, used, xy0=(0, 0), *, order: int | None = None, n_grid: int = 5) -> PixelPsf:
     """Weight-averaged PSF of a coadd as a `PixelPsf` over the coadd's pixel box.
 
@@ -318,23 +331,15 @@ def coadd_psf(psfs, weights, used, xy0=(0, 0), *, order: int | None = None, n_gr
             wi * _pad_kernel(p.compute_kernel_image(x_c, y_c), size) for wi, p in zip(w, psfs, strict=True)
         )
         return PixelPsf(kernel / kernel.sum(), 0, bbox)
-    gx = np.linspace(0, nx - 1, n_grid)
-    gy = np.linspace(0, ny - 1, n_grid)
     positions, kernels = [], []
-    for yy in gy:
-        for xx in gx:
-            iy, ix = int(round(yy)), int(round(xx))
-            w = np.array([wi if u[iy, ix] else 0.0 for wi, u in zip(weights, used, strict=True)])
-            if w.sum() <= 0:
-                continue
-            px, py = xx + xy0[0], yy + xy0[1]
-            k = sum(
-                wi * _pad_kernel(p.compute_kernel_image(px, py), size)
-                for wi, p in zip(w, psfs, strict=True)
-                if wi > 0
-            )
-            positions.append((px, py))
-            kernels.append(k / k.sum())
+    for px, py, w in _covered_grid(weights, used, xy0, n_grid):
+        k = sum(
+            wi * _pad_kernel(p.compute_kernel_image(px, py), size)
+            for wi, p in zip(w, psfs, strict=True)
+            if wi > 0
+        )
+        positions.append((px, py))
+        kernels.append(k / k.sum())
     n_terms = (order + 1) * (order + 2) // 2
     if len(positions) < n_terms:
         raise ValueError(
@@ -374,28 +379,18 @@ def coadd_aperture_correction(corrections, weights, used, xy0=(0, 0), *, n_grid:
     bbox = (float(xy0[0]), float(xy0[1]), float(xy0[0] + nx - 1), float(xy0[1] + ny - 1))
     weights = np.asarray(weights, float)
     order = max(c.order for c in corrections)
-    n = max(int(n_grid), order + 1)
     positions, values = [], []
-    for yy in np.linspace(0, ny - 1, n):
-        for xx in np.linspace(0, nx - 1, n):
-            iy, ix = int(round(yy)), int(round(xx))
-            w = np.array([wi if u[iy, ix] else 0.0 for wi, u in zip(weights, used, strict=True)])
-            if w.sum() <= 0:
-                continue
-            px, py = xx + xy0[0], yy + xy0[1]
-            inverse = sum(wi / c.evaluate(px, py) for wi, c in zip(w, corrections, strict=True) if wi > 0)
-            positions.append((px, py))
-            values.append(w.sum() / inverse)
+    for px, py, w in _covered_grid(weights, used, xy0, max(int(n_grid), order + 1)):
+        inverse = sum(wi / c.evaluate(px, py) for wi, c in zip(w, corrections, strict=True) if wi > 0)
+        positions.append((px, py))
+        values.append(w.sum() / inverse)
     n_terms = (order + 1) * (order + 2) // 2
     if len(positions) < n_terms:
         raise ValueError(f"Only {len(positions)} covered grid points; need {n_terms} for an aperture "
                          f"correction of order {order}")
     px, py = np.array(positions).T
-    u = 2 * (px - bbox[0]) / (bbox[2] - bbox[0]) - 1
-    v = 2 * (py - bbox[1]) / (bbox[3] - bbox[1]) - 1
-    coeffs, *_ = np.linalg.lstsq(polynomial_terms(u, v, order).T, np.array(values), rcond=None)
     err = float(np.sqrt(np.sum((weights / weights.sum()) ** 2 * np.array([c.err for c in corrections]) ** 2)))
-    return ApertureCorrection(coeffs, order, bbox, err=err)
+    return ApertureCorrection.fit_values(px, py, values, order, bbox, err=err)
 
 
 def assemble_coadd(

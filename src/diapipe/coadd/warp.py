@@ -515,9 +515,5 @@ def warp_aperture_correction(correction, src_wcs, dst_wcs, dst_bbox, *, n_grid: 
         gx, gy = np.array([[0.5 * (x0 + x1)]]), np.array([[0.5 * (y0 + y1)]])
     ra, dec = dst_wcs.all_pix2world(gx.ravel(), gy.ravel(), 0)
     u, v = src_wcs.all_world2pix(ra, dec, 0, quiet=True)
-    values = np.asarray(correction.evaluate(u, v), float).ravel()
-    # ApertureCorrection's normalisation: the box onto [-1, 1]
-    uu, vv = 2 * (gx.ravel() - x0) / (x1 - x0) - 1, 2 * (gy.ravel() - y0) / (y1 - y0) - 1
-    design = polynomial_terms(uu, vv, correction.order).T
-    coeffs, *_ = np.linalg.lstsq(design, values, rcond=None)
-    return ApertureCorrection(coeffs, correction.order, (x0, y0, x1, y1), rms=correction.rms, err=correction.err)
+    return ApertureCorrection.fit_values(gx, gy, correction.evaluate(u, v), correction.order, (x0, y0, x1, y1),
+                                         rms=correction.rms, err=correction.err)
