@@ -2,7 +2,9 @@
 
 `compute_metrics` gathers, for every calexp of the output collection, the single-frame
 metrics of `diapipe.analysis.single_frame`, for every template the metrics of
-`diapipe.analysis.template`, summaries over them (medians, worst cases), and the run times
+`diapipe.analysis.template`, the difference-imaging and association figures of
+`diapipe.analysis.dia`, summaries over them (medians, worst cases), issue 4's and issue
+5's bounds with pass/fail, and the run times
 that pipe_base records in each quantum's ``<label>_metadata`` (``quantum.startUtc`` /
 ``endUtc``, ``startCpuTime`` / ``endCpuTime``, ``endMaxResidentSetSize``). The result is
 JSON-able; `format_table` prints it; `metrics_main` is the command line.
@@ -24,6 +26,7 @@ from .template import coadd_metrics_for
 
 __all__ = [
     "BOUNDS",
+    "DIA_BOUNDS",
     "add_metrics_command",
     "compute_metrics",
     "format_table",
@@ -43,6 +46,16 @@ BOUNDS = {
     "coadd_position_rms_mas": ("<", 10.0),
     "coadd_transients_above_3sigma": ("<=", 0),
     "coadd_psf_size_ratio_dev": ("<", 0.03),
+}
+
+#: Issue 5's difference-imaging bounds, on visits that are not template inputs
+#: (``dia.dia_sources.independent``; `_dia_summary` names them): (comparison, value).
+DIA_BOUNDS = {
+    "dia_completeness_snr_ge_6": (">=", 0.9),
+    "dia_snr_at_50pct_completeness": ("<=", 5.5),
+    "dia_psf_flux_ratio_dev": ("<", 0.02),
+    "dia_pull_width_dev": ("<=", 0.15),
+    "dia_spurious_per_deg2": ("<=", 100.0),
 }
 
 
@@ -130,10 +143,31 @@ def _summary(per_detector: list[dict], coadds: list[dict]) -> dict:
     return s
 
 
+def _dia_summary(dia: dict | None) -> dict:
+    """Issue 5's figures (`DIA_BOUNDS` names) from ``dia.dia_sources.independent``."""
+    independent = ((dia or {}).get("dia_sources") or {}).get("independent")
+    if not independent:
+        return {}
+    flux = independent["psf_flux"]
+    return {
+        "dia_completeness_snr_ge_6": independent["completeness_snr_ge_6"],
+        "dia_snr_at_50pct_completeness": independent["snr_at_50pct_completeness"],
+        "dia_psf_flux_ratio_median": flux["flux_ratio_median"],
+        "dia_psf_flux_ratio_dev": float(abs(flux["flux_ratio_median"] - 1)),
+        "dia_pull_median": flux["pull_median"],
+        "dia_pull_iqr_width": flux["pull_iqr_width"],
+        "dia_pull_width_dev": float(abs(flux["pull_iqr_width"] - 1)),
+        "dia_spurious_per_deg2": independent["spurious_per_deg2"],
+    }
+
+
+_COMPARE = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal}
+
+
 def _passes(value, op, bound) -> bool | None:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
-    return bool(value < bound) if op == "<" else bool(value <= bound)
+    return bool(_COMPARE[op](value, bound))
 
 
 def compute_metrics(repo, collections, *, truth_collection: str = "2.2i/truth", where: str = "",
@@ -152,10 +186,12 @@ def compute_metrics(repo, collections, *, truth_collection: str = "2.2i/truth", 
     -------
     dict
         ``detectors`` (one entry per calexp: data ID and the isr, psf, astrometry,
-        photometry metrics), ``coadds``, ``summary`` (aggregates), ``bounds`` (issue 4's,
-        with pass/fail), ``dia`` (`diapipe.analysis.dia.dia_metrics_for`: DiaSource
-        completeness/spurious and, with ``apdb``, association figures; None without
-        difference imaging), ``timings`` (`task_timings`).
+        photometry metrics), ``coadds``, ``summary`` (aggregates), ``bounds`` (issue 4's
+        `BOUNDS` and issue 5's `DIA_BOUNDS`, with pass/fail; ``pass`` None when the value
+        is missing), ``dia`` (`diapipe.analysis.dia.dia_metrics_for`: DiaSource
+        completeness/spurious over all visits, issue 5's figures on independent visits
+        under ``dia_sources.independent`` and, with ``apdb``, association figures; None
+        without difference imaging), ``timings`` (`task_timings`).
     """
     from lsst.daf.butler import Butler
 
@@ -183,10 +219,12 @@ def compute_metrics(repo, collections, *, truth_collection: str = "2.2i/truth", 
             entry["data_id"] = {"skymap": str(d["skymap"]), "tract": int(d["tract"]), "patch": int(d["patch"]),
                                 "band": str(d["band"])}
             coadds.append(entry)
+    dia = dia_metrics_for(butler, apdb=apdb, truth_collection=truth_collection)
     summary = _summary(per_detector, coadds)
+    summary.update(_dia_summary(dia))
     bounds = {
         name: {"value": summary.get(name), "op": op, "bound": bound, "pass": _passes(summary.get(name), op, bound)}
-        for name, (op, bound) in BOUNDS.items()
+        for name, (op, bound) in {**BOUNDS, **DIA_BOUNDS}.items()
     }
     return {
         "collections": collections,
@@ -194,7 +232,7 @@ def compute_metrics(repo, collections, *, truth_collection: str = "2.2i/truth", 
         "coadds": coadds,
         "summary": summary,
         "bounds": bounds,
-        "dia": dia_metrics_for(butler, apdb=apdb, truth_collection=truth_collection),
+        "dia": dia,
         "timings": task_timings(butler) if timings else {},
     }
 
@@ -237,14 +275,17 @@ def format_table(metrics: dict) -> str:
                     "transient_low_coverage_n", "transient_low_coverage_n_above_3sigma"):
             lines.append(f"  {key:<40} {_fmt(c.get(key))}")
         lines.append("")
-    lines.append("Bounds (issue 4)")
-    for name, b in metrics["bounds"].items():
-        status = {True: "ok", False: "FAIL", None: "n/a"}[b["pass"]]
-        lines.append(f"  {name:<40} {_fmt(b['value']):>10} {b['op']} {_fmt(b['bound']):<8} {status}")
+    for title, names in (("Bounds (issue 4)", BOUNDS), ("Bounds (issue 5, independent visits)", DIA_BOUNDS)):
+        lines.append(title)
+        for name, b in metrics["bounds"].items():
+            if name not in names:
+                continue
+            status = {True: "ok", False: "FAIL", None: "n/a"}[b["pass"]]
+            lines.append(f"  {name:<40} {_fmt(b['value']):>10} {b['op']:<2} {_fmt(b['bound']):<8} {status}")
     dia = metrics.get("dia")
     if dia:
         lines.append("")
-        lines.append("Difference imaging against truth (match radius 0.5\")")
+        lines.append("Difference imaging against truth, all visits (match radius 0.5\")")
         d = dia["dia_sources"]
         for key in ("n_dia_sources", "n_real", "n_spurious", "area_deg2", "spurious_per_deg2", "n_truth_variables",
                     "completeness"):
@@ -252,6 +293,7 @@ def format_table(metrics: dict) -> str:
         for b in d["completeness_vs_mag"]:
             frac = b["k"] / b["n"] if b["n"] else float("nan")
             lines.append(f"  completeness {b['lo']:.0f}-{b['hi']:.0f} mag{'':<22} {_fmt(frac)} ({b['k']}/{b['n']})")
+        lines.extend(_independent_lines(d))
         for key, value in (dia.get("association") or {}).items():
             lines.append(f"  {key:<40} {_fmt(value)}")
     if metrics.get("timings"):
@@ -262,6 +304,30 @@ def format_table(metrics: dict) -> str:
             lines.append(f"  {label:<28}{t['n_quanta']:>7}{t['wall_s_total']:>10.2f}{t['wall_s_mean']:>9.2f}"
                          f"{t['wall_s_max']:>9.2f}{t['cpu_s_total']:>9.2f}{t['max_rss_mb']:>9.0f}")
     return "\n".join(lines)
+
+
+def _independent_lines(d: dict) -> list[str]:
+    """The table lines of issue 5's figures (``dia_sources.independent``) and the notes."""
+    lines = []
+    ind = d.get("independent")
+    if ind:
+        lines.append("")
+        lines.append(f"Difference imaging on visits that are not template inputs ({len(d['independent_visits'])} "
+                     "visits; area: difference pixels without NO_DATA)")
+        for key in ("n_dia_sources", "n_real", "n_spurious", "n_spurious_unflagged", "area_deg2",
+                    "spurious_per_deg2", "unflagged_spurious_per_deg2", "n_truth_variables", "completeness",
+                    "snr_at_50pct_completeness", "n_snr_ge_6", "completeness_snr_ge_6"):
+            lines.append(f"  {key:<40} {_fmt(ind.get(key))}")
+        for b in ind["completeness_vs_snr"]:
+            frac = b["k"] / b["n"] if b["n"] else float("nan")
+            hi = "inf" if b["hi"] is None or not math.isfinite(b["hi"]) else f"{b['hi']:g}"
+            label = f"completeness S/N {b['lo']:g}-{hi}"
+            lines.append(f"  {label:<40} {_fmt(frac)} ({b['k']}/{b['n']})")
+        for key, value in ind["psf_flux"].items():
+            lines.append(f"  {'psf_flux_' + key + ' (S/N>=6, clean)':<40} {_fmt(value)}")
+    for note in d.get("notes") or []:
+        lines.append(f"  note: {note}")
+    return lines
 
 
 def _jsonable(obj):

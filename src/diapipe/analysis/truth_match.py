@@ -18,6 +18,7 @@ __all__ = [
     "match_sky",
     "match_xy",
     "moffat_radius_pix",
+    "nearest_sky",
 ]
 
 #: Moffat index of the simulator's PSF (`diapipe.sim.render.MOFFAT_BETA`); used only to
@@ -84,6 +85,31 @@ def match_sky(ra1, dec1, ra2, dec2, radius_arcsec: float):
     x1, y1 = plane(ra1, dec1)
     x2, y2 = plane(ra2, dec2)
     return match_xy(x1, y1, x2, y2, radius_arcsec)
+
+
+def nearest_sky(ra1, dec1, ra2, dec2, radius_arcsec: float) -> np.ndarray:
+    """For each position of list 1 (deg), the row of the nearest position of list 2
+    closer than ``radius_arcsec`` (-1 when none): a many-to-one match, unlike `match_sky`.
+
+    Distances are measured on a local tangent plane (exact enough at arcsecond radii).
+    """
+    ra1, dec1, ra2, dec2 = (np.asarray(a, float) for a in (ra1, dec1, ra2, dec2))
+    out = np.full(ra1.size, -1, int)
+    ok1 = np.isfinite(ra1) & np.isfinite(dec1)
+    ok2 = np.flatnonzero(np.isfinite(ra2) & np.isfinite(dec2))
+    if not ok1.any() or ok2.size == 0:
+        return out
+    ra0, dec0 = np.median(ra1[ok1]), np.median(dec1[ok1])
+    cosd = np.cos(np.radians(dec0))
+
+    def plane(ra, dec):
+        return np.column_stack([((ra - ra0 + 180.0) % 360.0 - 180.0) * cosd * 3600.0, (dec - dec0) * 3600.0])
+
+    dist, k = cKDTree(plane(ra2[ok2], dec2[ok2])).query(plane(ra1[ok1], dec1[ok1]),
+                                                          distance_upper_bound=radius_arcsec)
+    inside = np.isfinite(dist) & (dist < radius_arcsec)
+    out[np.flatnonzero(ok1)[inside]] = ok2[k[inside]]
+    return out
 
 
 def moffat_radius_pix(flux_e, fwhm_pix: float, level_e: float, beta: float = MOFFAT_BETA) -> np.ndarray:

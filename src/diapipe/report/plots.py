@@ -227,6 +227,10 @@ def plot_completeness(vs_snr, vs_mag, path, *, spurious_snr=None, real_snr=None,
         ax.set_ylabel("completeness (fraction detected)")
         if kind == "snr":
             ax.set_xscale("log")
+            lo, hi = ax.get_xlim()
+            ticks = [t for t in (1, 2, 3, 5, 10, 20, 30, 50, 100, 200, 500, 1000) if lo <= t <= hi]
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("truth S/N on the difference image")
             ax.axvline(5.0, color="0.4", ls="--", lw=0.8)
             ax.set_title("completeness vs S/N (numbers: truth count)", fontsize=9)

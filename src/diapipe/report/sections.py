@@ -254,53 +254,74 @@ def cutout_section(inputs, outdir: Path, matched, *, n_each: int = 4, half: int 
 
 
 def _metrics_completeness(metrics):
-    """Completeness tables from a metrics JSON ``dia`` block, if it has them: lists of
-    ``{lo, hi, n, k}`` under ``completeness_vs_snr`` / ``completeness_vs_mag``."""
+    """Completeness tables (lists of ``{lo, hi, n, k}``) and issue 5's figures from a
+    metrics JSON, if it has them.
+
+    ``diapipe metrics`` writes the S/N table and the figures of the visits that are not
+    template inputs under ``dia.dia_sources.independent`` (returned as ``snr`` and
+    ``independent``); a flat ``dia`` block with ``completeness_vs_snr`` /
+    ``completeness_vs_mag`` is read too. (The metrics' ap_verify magnitude bins are too
+    coarse to plot: the magnitude table is then computed from the repository.) An open
+    last bin (``hi`` null in the JSON: infinite) is drawn as ``[lo, 2 lo)``.
+    """
     if not metrics:
         return None
     block = metrics.get("dia") or metrics.get("dia_sources") or {}
+    independent = (block.get("dia_sources") or {}).get("independent") or {}
     out = {}
-    for key in ("snr", "mag"):
-        bins = block.get(f"completeness_vs_{key}")
+    for key, bins in (("snr", independent.get("completeness_vs_snr") or block.get("completeness_vs_snr")),
+                      ("mag", block.get("completeness_vs_mag"))):
         if not bins:
             continue
         frame = pd.DataFrame(bins)
         if not {"lo", "hi", "n", "k"} <= set(frame.columns):
             return None
-        rebuilt = fraction_table(frame["lo"], frame["hi"], frame["n"], frame["k"])
-        out[key] = rebuilt
+        lo = frame["lo"].to_numpy(float)
+        hi = pd.to_numeric(frame["hi"], errors="coerce").to_numpy(float)
+        hi = np.where(np.isfinite(hi), hi, 2 * lo)
+        out[key] = fraction_table(lo, hi, frame["n"], frame["k"])
+    if independent:
+        out["independent"] = independent
     return out or None
 
 
 def completeness_section(inputs, outdir: Path, matched, *, say=print) -> Section:
     s = Section("completeness", "Completeness and spurious DiaSources")
-    from_metrics = _metrics_completeness(inputs.metrics)
-    if matched is None and from_metrics is None:
+    from_metrics = _metrics_completeness(inputs.metrics) or {}
+    if matched is None and not from_metrics:
         s.notes.append(inputs.missing.get("diaSrcTable") or inputs.missing.get("truth") or "no DiaSources")
         return s
-    vs_snr = vs_mag = None
+    vs_snr, vs_mag = from_metrics.get("snr"), from_metrics.get("mag")
     spurious_snr = real_snr = None
     area = None
-    if from_metrics is not None:
-        vs_snr, vs_mag = from_metrics.get("snr"), from_metrics.get("mag")
-        source = "the metrics JSON"
+    origins = []
+    if vs_snr is not None or vs_mag is not None:
+        snr_what = "completeness vs S/N" + (" on the visits that are not template inputs"
+                                            if "independent" in from_metrics else "")
+        origins.append("the metrics JSON (" + ", ".join(
+            what for what, table in ((snr_what, vs_snr), ("completeness vs magnitude", vs_mag))
+            if table is not None) + ")")
     if matched is not None:
         sources, variables = matched
         snr = _snr(sources)
         spurious_snr, real_snr = snr[~sources["real"].to_numpy()], snr[sources["real"].to_numpy()]
-        truth_snr, area = _truth_snr_and_area(inputs, variables, say)
-        if from_metrics is None:
-            source = "goodSeeingDiff_diaSrcTable matched to truth" if "diaSrcTable" in inputs.dia_src_origin else \
-                f"{inputs.dia_src_origin} matched to truth"
+        # with the metrics' S/N table, its independent-visit density replaces the all-visit one
+        # (which needs every difference image read again)
+        truth_snr, area = _truth_snr_and_area(inputs, variables, say) if vs_snr is None else (None, None)
+        origin = "goodSeeingDiff_diaSrcTable" if "diaSrcTable" in inputs.dia_src_origin else inputs.dia_src_origin
+        if vs_mag is None:
             mags = 31.4 - 2.5 * np.log10(np.abs(variables["diff_flux_njy"].to_numpy(float)))
             lo, hi = np.floor(np.nanmin(mags)) if len(mags) else 18, np.ceil(np.nanmax(mags)) if len(mags) else 26
             step = 0.5 if hi - lo <= 8 else 1.0
             vs_mag = binned_fraction(mags, variables["detected"], np.arange(lo, hi + step, step))
+            origins.append(f"{origin} matched to truth (completeness vs magnitude, all visits)")
+        if vs_snr is None:
             if truth_snr is not None:
                 finite = np.isfinite(truth_snr) & (truth_snr > 0)
                 edges = np.geomspace(1.0, max(np.nanmax(truth_snr[finite]) * 1.01, 30.0), 13) if finite.any() else None
                 if edges is not None:
                     vs_snr = binned_fraction(truth_snr[finite], variables["detected"].to_numpy()[finite], edges)
+                    origins.append(f"{origin} matched to truth (completeness vs S/N, all visits)")
             else:
                 s.notes.append("completeness vs S/N: no goodSeeingDiff_differenceExp to measure the truth S/N on")
     plots.plot_completeness(vs_snr, vs_mag, outdir / "completeness.png", spurious_snr=spurious_snr,
@@ -308,12 +329,16 @@ def completeness_section(inputs, outdir: Path, matched, *, say=print) -> Section
     s.intro = ("A truth variable (variable star, transient or moving object with a nonzero difference flux at "
                "that visit, on the detector) counts as detected when a DiaSource lies within 0.5″; a DiaSource "
                "with no truth variable within 0.5″ is spurious. Truth S/N = |truth difference flux| / PSF-flux "
-               f"error at the true position on the difference image. Source: {html.escape(source)}.")
+               "error at the true position on the difference image. Areas are difference-image pixels without "
+               f"NO_DATA. Source: {html.escape('; '.join(origins))}.")
     if spurious_snr is not None:
-        s.tiles.append((len(spurious_snr), "spurious DiaSources"))
+        s.tiles.append((len(spurious_snr), "spurious DiaSources (all visits)"))
         if area:
             s.tiles.append((f"{len(spurious_snr) / area:.0f} /deg²", f"spurious density over {area:.4f} deg²"))
-    if vs_snr is not None:
+    independent = from_metrics.get("independent")
+    if independent:
+        _independent_tiles(s, independent)
+    elif vs_snr is not None:
         bright = vs_snr[vs_snr["lo"] >= 6.0]
         if bright["n"].sum():
             s.tiles.append((f"{100 * bright['k'].sum() / bright['n'].sum():.0f} %", "completeness at truth S/N ≥ 6"))
@@ -323,15 +348,33 @@ def completeness_section(inputs, outdir: Path, matched, *, say=print) -> Section
     return s
 
 
+def _independent_tiles(s: Section, ind: dict) -> None:
+    """Tiles of issue 5's figures (metrics JSON ``dia.dia_sources.independent``)."""
+    def num(key, fmt, block=ind):
+        value = block.get(key)
+        return "–" if value is None else format(value, fmt)
+
+    flux = ind.get("psf_flux") or {}
+    spurious = (f"spurious density on visits not in the template ({ind.get('n_spurious')} over "
+                f"{num('area_deg2', '.4f')} deg²)")
+    s.tiles.extend([
+        (f"{num('completeness_snr_ge_6', '.1%')}",
+         f"completeness at truth S/N ≥ 6 ({ind.get('n_snr_ge_6')} truth variables; visits not in the template)"),
+        (num("snr_at_50pct_completeness", ".2f"), "truth S/N of 50 % completeness"),
+        (f"{num('spurious_per_deg2', '.0f')} /deg²", spurious),
+        (num("flux_ratio_median", ".4f", flux),
+         f"median PSF flux / true flux ({flux.get('n')} clean DiaSources, S/N ≥ 6)"),
+        (num("pull_iqr_width", ".3f", flux), f"PSF-flux pull width (IQR/1.349; median {num('pull_median', '.2f', flux)})"),
+    ])
+
+
 def _truth_snr_and_area(inputs, variables, say):
-    """Truth S/N of each variable (forced PSF-flux error at the true position on the
-    difference image) and the usable difference-image area (deg²)."""
+    """Truth S/N of each variable (`diapipe.analysis.dia.forced_sigma_njy`) and the usable
+    difference-image area (deg², `diapipe.analysis.dia.usable_area_deg2`)."""
     if "goodSeeingDiff_differenceExp" not in inputs.dataset_types:
         return None, None
-    from astropy.wcs.utils import proj_plane_pixel_scales
-
-    from ..exposure import masks
-    from ..measure.measurement import forced_measure
+    from ..analysis.dia import forced_sigma_njy, usable_area_deg2
+    from ..analysis.dia_match import truth_snr
 
     sigma = np.full(len(variables), np.nan)
     area = 0.0
@@ -340,15 +383,9 @@ def _truth_snr_and_area(inputs, variables, say):
             diff = inputs.butler.get("goodSeeingDiff_differenceExp", visit=int(visit), detector=int(detector))
         except LookupError:
             continue
-        forced = forced_measure(diff.image, diff.variance, diff.mask, diff.psf,
-                                group["x"].to_numpy(float) - diff.xy0[0], group["y"].to_numpy(float) - diff.xy0[1])
-        calib = float(diff.photo_calib.calibration_mean) if diff.photo_calib is not None else 1.0
-        sigma[variables.index.get_indexer(group.index)] = np.asarray(forced["psfFluxErr"], float) * calib
-        scale_deg = float(np.mean(proj_plane_pixel_scales(diff.wcs))) if diff.wcs is not None else 0.2 / 3600
-        area += float((~masks.any_set(diff.mask, "NO_DATA")).sum()) * scale_deg**2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        snr = np.abs(variables["diff_flux_njy"].to_numpy(float)) / sigma
-    return snr, (area or None)
+        sigma[variables.index.get_indexer(group.index)] = forced_sigma_njy(diff, group["x"], group["y"])
+        area += usable_area_deg2(diff.mask)
+    return truth_snr(variables["diff_flux_njy"], sigma), (area or None)
 
 
 def single_frame_section(inputs, outdir: Path, *, max_calexps: int = 40) -> Section:
