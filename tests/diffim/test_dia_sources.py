@@ -45,8 +45,8 @@ def _difference(image, mask=None):
                     variance=np.ones(image.shape, np.float32), wcs=_wcs(), psf=psf, photo_calib=PhotoCalib(1.0))
 
 
-def _run(diff, **kwargs):
-    return detect_and_measure_dia_sources(diff, science=None, matched_template=None, visit=1, detector=2,
+def _run(diff, matched_template=None, **kwargs):
+    return detect_and_measure_dia_sources(diff, science=None, matched_template=matched_template, visit=1, detector=2,
                                           n_sky_sources=0, rng=np.random.default_rng(0), **kwargs)
 
 
@@ -143,3 +143,37 @@ def test_photometric_scale_correction_recovers_scale_and_ignores_a_variable():
     # too few stars: no correction
     assert photometric_scale_correction(target, ones, matched, ones, np.zeros(clean.shape, np.int32),
                                         psf, xs[:3], ys[:3])[0] == 1.0
+
+
+def test_template_residual_term_suppresses_ring_keeps_transient():
+    """A PSF-mismatch ring at a bright template star is detected without the
+    template-residual term and not with it; a faint transient on blank sky is kept,
+    with the same flux error."""
+    rng = np.random.default_rng(7)
+    psf = PixelPsf.gaussian(SIGMA, 21)
+    shape = (200, 200)
+    template = np.zeros(shape)
+    star_flux = 2.0e6  # template PSF-flux S/N ~ 1.4e5 in unit noise
+    _add(template, psf, 60.0, 60.0, star_flux)
+    # difference: unit noise + a PSF-width mismatch residual of the star (a ring, 0.3 % of its flux)
+    # + a transient of PSF-flux S/N ~ 14 on blank sky
+    wider = PixelPsf.gaussian(SIGMA * 1.01, 21)
+    ring = np.zeros(shape)
+    _add(ring, psf, 60.0, 60.0, star_flux)
+    _add(ring, wider, 60.0, 60.0, -star_flux)
+    image = rng.normal(0.0, 1.0, shape) + ring
+    _add(image, psf, 150.0, 140.0, 100.0)
+    matched = Exposure(image=template.astype(np.float32), mask=np.zeros(shape, np.int32),
+                       variance=np.ones(shape, np.float32), psf=psf, photo_calib=PhotoCalib(1.0))
+    plain = _run(_difference(image), background_bin_pix=None)
+    guarded = _run(_difference(image), background_bin_pix=None, template_residual_fraction=0.01,
+                   matched_template=matched)
+    near_star = lambda cat: np.hypot(np.asarray(cat["x"]) - 60.0, np.asarray(cat["y"]) - 60.0) < 15
+    at_transient = lambda cat: np.hypot(np.asarray(cat["x"]) - 150.0, np.asarray(cat["y"]) - 140.0) < 2
+    assert near_star(plain.catalog).sum() >= 1  # the ring is detected without the term
+    assert near_star(guarded.catalog).sum() == 0
+    assert at_transient(guarded.catalog).sum() == 1
+    # measurement keeps the plain variance: the transient's flux error is unchanged
+    i = np.flatnonzero(at_transient(plain.catalog))[0]
+    j = np.flatnonzero(at_transient(guarded.catalog))[0]
+    assert guarded.catalog["psfFluxErr"][j] == pytest.approx(plain.catalog["psfFluxErr"][i], rel=1e-6)

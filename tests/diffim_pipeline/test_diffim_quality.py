@@ -121,9 +121,11 @@ def test_spurious_density_after_residual_cut(scored):
     kept_real = keep[src.real].mean()
     print(f"after flags + residual cut: {len(spurious)} spurious ({density:.0f}/deg²); "
           f"{kept_real:.3f} of {len(real)} truth-matched DiaSources kept")
-    # measured 57 of 64 kept (0.891; before the template's CompareWarp PSF matching 0.9+):
-    # the real ones it drops are flagged or bright variable stars with PSF-shape residuals
-    assert kept_real >= 0.88, "the cut removes real DiaSources"
+    # measured 55 of 64 kept (0.859): the real ones it drops are flagged, or bright variable
+    # stars with PSF-shape residuals (two of those, reduced chi² 2.4 and 13.8, are real only
+    # since the template-residual detection term moved their peak from a ring onto the star;
+    # 57 of 64 before)
+    assert kept_real >= 0.85, "the cut removes real DiaSources"
     assert density <= CUT_SPURIOUS_BOUND
 
 
@@ -163,9 +165,10 @@ def test_psf_flux_pull_width(scored):
     assert abs(scored["figures"]["psf_flux"]["pull_iqr_width"] - 1.0) <= 0.15
 
 
-#: Reached on the test preset (not the issue's 100/deg²): 15 spurious in 0.0053 deg² (2850/deg²)
-#: with detection on the preconvolved score (before: 21, 4000/deg²; 39, 7600/deg² before one
-#: DiaSource per footprint and the detection-scale noise calibration).
-SPURIOUS_BOUND = 3500.0
-#: After `residual_cut`: 5 spurious in 0.0053 deg² (950/deg²; before 4-6).
-CUT_SPURIOUS_BOUND = 1000.0
+#: Reached on the test preset (not the issue's 100/deg²): 11 spurious in 0.0053 deg² (2090/deg²)
+#: with detectAndMeasure.templateResidualFraction=0.01 (15, 2850/deg² without it; 21, 4000/deg²
+#: before detection on the preconvolved score; 39, 7600/deg² before one DiaSource per
+#: footprint and the detection-scale noise calibration).
+SPURIOUS_BOUND = 2500.0
+#: After `residual_cut`: 3 spurious in 0.0053 deg² (570/deg²; 5 without the template-residual term).
+CUT_SPURIOUS_BOUND = 800.0

@@ -176,3 +176,14 @@ def test_two_thousand_sources_measured_quickly():
     print(f"measure_sources: 2000 sources in {elapsed:.2f} s CPU")
     assert len(cat) == 2000
     assert elapsed < 3.0  # ~0.6 s on an idle core; generous for a shared machine
+
+
+def test_no_sources_gives_empty_centroids():
+    """A quiet difference image has no detection: the centroid fit returns empty columns."""
+    from diapipe.measure.measurement import fit_centroids
+
+    image = np.zeros((40, 40), np.float32)
+    x, y, x_err, y_err, failed = fit_centroids(image, np.ones_like(image), np.ones(image.shape, bool),
+                                               PixelPsf.gaussian(2.0, 21), np.zeros(0), np.zeros(0))
+    assert x.shape == y.shape == x_err.shape == y_err.shape == failed.shape == (0,)
+    assert failed.dtype == bool

@@ -266,6 +266,7 @@ def detect_and_measure_dia_sources(
     rng: np.random.Generator | None = None,
     score: Exposure | None = None,
     remove_score_centroid_failures: bool = True,
+    template_residual_fraction: float = 0.0,
 ) -> DiaSourceResult:
     """DiaSources of a difference image (see the module docstring).
 
@@ -306,6 +307,12 @@ def detect_and_measure_dia_sources(
     source there) are removed (``stats["n_removed_score_centroid"]``): on
     ci_imsim and the test preset (22 visits) that removed 52 detections, all spurious,
     mostly score peaks 4-10 px from stars of mag 17-21; no real DiaSource was lost.
+
+    With ``template_residual_fraction`` > 0 (and ``matched_template``), the detection
+    variances (difference and score) are multiplied by
+    `diapipe.diffim.template_residual.template_residual_variance_factor`: PSF-matching
+    residuals at bright template objects are not detected as sources; measurement
+    keeps the plain variance.
     """
     if difference.psf is None or difference.wcs is None or difference.photo_calib is None:
         raise ValueError(f"visit {visit} detector {detector}: the difference needs a PSF, a WCS and a PhotoCalib")
@@ -334,16 +341,25 @@ def detect_and_measure_dia_sources(
                 variance = (variance * np.float32(noise_scale**2)).astype(np.float32)
     score_scale = float("nan")
     score_stats: dict = {}
+    residual_factor = None
+    if template_residual_fraction > 0 and matched_template is not None:
+        from .template_residual import template_residual_variance_factor
+
+        residual_factor = template_residual_variance_factor(
+            matched_template.image, variance, psf.compute_kernel_image(x0 + 0.5 * (image.shape[1] - 1),
+                                                                       y0 + 0.5 * (image.shape[0] - 1)),
+            template_residual_fraction)
+    detection_variance = variance if residual_factor is None else (variance * residual_factor).astype(np.float32)
     if score is None:
-        fps = detect_sources(image, variance, mask, psf.sigma(), threshold, polarity="both",
+        fps = detect_sources(image, detection_variance, mask, psf.sigma(), threshold, polarity="both",
                              threshold_type=threshold_type, grow_pix=grow_pix, deblend=deblend_peaks)
     else:
         from .score_detection import detect_on_score  # imports this module
 
-        fps, score_stats = detect_on_score(score, image, variance, mask, psf.sigma(), threshold=threshold,
+        fps, score_stats = detect_on_score(score, image, detection_variance, mask, psf.sigma(), threshold=threshold,
                                            threshold_type=threshold_type, grow_pix=grow_pix,
                                            deblend=deblend_peaks, background_bin_pix=background_bin_pix,
-                                           scale_variance=scale_variance)
+                                           scale_variance=scale_variance, variance_factor=residual_factor)
         score_scale = score_stats.pop("score_noise_scale")
     cat = measure_sources(image, variance, mask, psf, fps, aperture_radii=(float(aperture_radius_pix),))
     n_removed_centroid = 0

@@ -155,7 +155,7 @@ def merge_score_and_difference(score_fps: Footprints, difference_fps: Footprints
 
 def detect_on_score(score, image, variance, mask, psf_sigma_pix, *, threshold=5.0, threshold_type="pixel_stdev",
                     grow_pix=2, deblend=False, background_bin_pix=128, scale_variance=True,
-                    margin_pix=None) -> tuple[Footprints, dict]:
+                    margin_pix=None, variance_factor=None) -> tuple[Footprints, dict]:
     """Detection on a score image with the difference image as fallback; sets ``mask``'s detection planes.
 
     Parameters
@@ -172,6 +172,10 @@ def detect_on_score(score, image, variance, mask, psf_sigma_pix, *, threshold=5.
     psf_sigma_pix : `float`
         The difference PSF's sigma: smoothing of the fallback detection, peak
         search radius and, by default, ``margin_pix = ceil(2 psf_sigma_pix)``.
+    variance_factor : `numpy.ndarray`, optional
+        Multiplies the score variance for the final detection only (after its
+        noise scaling), e.g. `diapipe.diffim.template_residual` 's factor; the
+        caller passes ``variance`` already multiplied.
 
     Returns
     -------
@@ -203,6 +207,8 @@ def detect_on_score(score, image, variance, mask, psf_sigma_pix, *, threshold=5.
                 s_var = (s_var * np.float32(scale**2)).astype(np.float32)
     common = {"polarity": "both", "threshold_type": threshold_type, "grow_pix": grow_pix, "deblend": deblend,
               "set_mask": False}
+    if variance_factor is not None:
+        s_var = (s_var * variance_factor).astype(np.float32)
     s_fps = detect_sources(s_img, s_var, mask, NO_SMOOTHING_SIGMA_PIX, threshold,
                            peak_radius_pix=max(1.0, psf_sigma_pix), **common)
     d_fps = detect_sources(image, variance, mask, psf_sigma_pix, threshold, **common)

@@ -249,6 +249,9 @@ def fit_centroids(image, variance, good_full, psf, x0, y0, n_iter=3, max_shift=2
     """
     x0 = np.asarray(x0)
     y0 = np.asarray(y0)
+    if x0.size == 0:  # an image with no detection (e.g. a quiet difference image)
+        empty = np.zeros(0)
+        return empty, empty.copy(), empty.copy(), empty.copy(), np.zeros(0, bool)
     if x0.size <= _CHUNK:
         return _fit_centroids(image, variance, good_full, psf, x0, y0, n_iter, max_shift)
     # Sources are independent: chunks keep the (n, K, K) stamp arrays in cache.
