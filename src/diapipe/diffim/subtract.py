@@ -9,7 +9,13 @@ Steps (ip_diffim ``AlardLuptonSubtractTask`` as the reference):
    of the measured pixel noise (robust, on unmasked source-free background) to the
    predicted one.
 3. Mode: ``convolveTemplate`` (default), ``convolveScience``, or ``auto`` (convolve
-   the template unless it is wider than the science PSF in both x and y).
+   the template unless it is wider than the science PSF in both x and y). On real
+   single-visit noise ``convolveScience`` fits a kernel broadened by the science
+   image's own noise (errors in variables): on ci_imsim visit 1547789 the matched
+   science stars came out 8 % wider than the template's (star residual 7.7 % rms
+   of the flux, against 1.8 % for ``convolveTemplate`` and 0.6 % with
+   ``debias_kernel_fit``), which is why diapipe keeps ``convolveTemplate`` and
+   detects on a preconvolved score when the science is the sharper image.
 4. Basis from the two PSF widths (`diapipe.diffim.basis`), kernel sources selected
    from the source table, spatially varying kernel + background fitted
    (`diapipe.diffim.kernel_fit`), convolution of the whole image

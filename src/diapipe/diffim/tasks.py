@@ -364,6 +364,15 @@ class SubtractImagesConfig(pipeBase.PipelineTaskConfig, pipelineConnections=Subt
     maxMedianChi2 = pexConfig.Field(
         dtype=float, default=4.0, doc="Median stamp chi²/dof above which PSF matching is declared failed."
     )
+    doDebiasKernelFit = pexConfig.Field(
+        dtype=bool, default=False,
+        doc="Remove the convolved image's own noise from the kernel fit's normal equations "
+        "(diapipe.diffim.noise_bias; errors in variables shrink and broaden a least-squares kernel). "
+        "Measured on ci_imsim: where the science PSF is sharper than the template's (visit 1547789) the "
+        "stacked star residual of the difference drops from 1.8 % to 0.6 % rms of the star flux; over the "
+        "7 visits not in the template, spurious DiaSources unchanged (23), PSF-flux ratio 1.003 -> 1.002, "
+        "pull width 0.93 -> 0.84. Off by default until the pull width is understood.",
+    )
     doScaleVariance = pexConfig.Field(
         dtype=bool, default=True, doc="Rescale both variance planes to the measured noise before matching."
     )
@@ -385,6 +394,7 @@ def _kernel_fit_options(config) -> dict:
         "min_kernel_sources": config.minKernelSources,
         "kernel_sn_range": (config.kernelSourceMinSnr, config.kernelSourceMaxSnr),
         "max_median_chi2": config.maxMedianChi2,
+        "debias_kernel_fit": config.doDebiasKernelFit,
     }
 
 
