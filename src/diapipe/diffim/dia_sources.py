@@ -579,11 +579,15 @@ def detect_and_measure_dia_sources(
 
 
 def _njy(calib, flux, err):
+    """Electrons to nJy with the per-source (statistical) error only, as in src: the
+    visit's calibration error is shared by every source of the visit (it is in the
+    visit summary's calibrationErr). Folded in, it made the errors of bright injected
+    sources 20 % too large (pull width 0.80 at S/N > 50 on the test preset)."""
     flux = np.asarray(flux, float)
     err = np.asarray(err, float)
     if flux.size == 0:
         return flux.copy(), err.copy()
-    return calib.inst_flux_to_njy(flux, err)
+    return calib.inst_flux_to_njy(flux, err, include_calibration_error=False)
 
 
 def _bearing(wcs, dip, idx, x0, y0):
