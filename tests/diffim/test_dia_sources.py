@@ -177,3 +177,24 @@ def test_template_residual_term_suppresses_ring_keeps_transient():
     i = np.flatnonzero(at_transient(plain.catalog))[0]
     j = np.flatnonzero(at_transient(guarded.catalog))[0]
     assert guarded.catalog["psfFluxErr"][j] == pytest.approx(plain.catalog["psfFluxErr"][i], rel=1e-6)
+
+
+def test_local_noise_scale_follows_a_noisier_corner():
+    """A corner whose noise is 15 % above its variance plane gets a local factor of
+    ~1.15 and the rest ~1.0 (the whole-image factor, ~1.04, fits neither)."""
+    from diapipe.diffim.dia_sources import detection_noise_scale_map
+
+    rng = np.random.default_rng(11)
+    image = rng.normal(0.0, 1.0, (1024, 1024))
+    image[:512, 512:] *= 1.15
+    variance = np.ones(image.shape, np.float32)
+    overall, scale_map = detection_noise_scale_map(image.astype(np.float32), variance,
+                                                   np.zeros(image.shape, np.int32), SIGMA, cell_pix=256)
+    assert 1.01 < overall < 1.08
+    assert np.median(scale_map[:256, 768:]) == pytest.approx(1.15, abs=0.04)
+    assert np.median(scale_map[768:, :256]) == pytest.approx(1.0, abs=0.03)
+    assert scale_map.shape == image.shape and scale_map.dtype == np.float32
+    # cell_pix = 0: one factor everywhere, the same as detection_noise_scale
+    same, flat = detection_noise_scale_map(image.astype(np.float32), variance, np.zeros(image.shape, np.int32),
+                                           SIGMA, cell_pix=0)
+    assert same == pytest.approx(overall) and np.all(flat == np.float32(overall))

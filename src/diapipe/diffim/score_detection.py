@@ -155,7 +155,7 @@ def merge_score_and_difference(score_fps: Footprints, difference_fps: Footprints
 
 def detect_on_score(score, image, variance, mask, psf_sigma_pix, *, threshold=5.0, threshold_type="pixel_stdev",
                     grow_pix=2, deblend=False, background_bin_pix=128, scale_variance=True,
-                    margin_pix=None, variance_factor=None) -> tuple[Footprints, dict]:
+                    margin_pix=None, variance_factor=None, noise_cell_pix=512) -> tuple[Footprints, dict]:
     """Detection on a score image with the difference image as fallback; sets ``mask``'s detection planes.
 
     Parameters
@@ -186,7 +186,7 @@ def detect_on_score(score, image, variance, mask, psf_sigma_pix, *, threshold=5.
         (difference footprints kept in the fallback region) and
         ``score_fallback_fraction`` (its share of the difference's usable pixels).
     """
-    from .dia_sources import detection_noise_scale  # dia_sources imports this module lazily
+    from .dia_sources import detection_noise_scale_map  # dia_sources imports this module lazily
 
     if score.image.shape != mask.shape or image.shape != mask.shape:
         raise ValueError(f"score image {score.image.shape}, difference {image.shape} and mask {mask.shape} "
@@ -202,9 +202,9 @@ def detect_on_score(score, image, variance, mask, psf_sigma_pix, *, threshold=5.
         model = estimate_background(s_img, smask, bin_size=int(background_bin_pix))()
         s_img = np.where(np.isfinite(s_img), s_img - model, s_img).astype(np.float32)
         if scale_variance:
-            scale = detection_noise_scale(s_img, s_var, smask, NO_SMOOTHING_SIGMA_PIX)
-            if scale > 1.0:
-                s_var = (s_var * np.float32(scale**2)).astype(np.float32)
+            scale, scale_map = detection_noise_scale_map(s_img, s_var, smask, NO_SMOOTHING_SIGMA_PIX,
+                                                         cell_pix=noise_cell_pix)
+            s_var = (s_var * np.maximum(scale_map, np.float32(1.0)) ** 2).astype(np.float32)
     common = {"polarity": "both", "threshold_type": threshold_type, "grow_pix": grow_pix, "deblend": deblend,
               "set_mask": False}
     if variance_factor is not None:

