@@ -22,6 +22,7 @@ N_PER_VISIT = 220
 
 @pytest.fixture(scope="module")
 def injected(diffim_repo):
+    import pandas as pd
     from lsst.daf.butler import Butler
     from scipy.ndimage import maximum_filter
 
@@ -73,8 +74,6 @@ def injected(diffim_repo):
             hit = j >= 0 and d[j] < 2.5  # 0.5"
             rows.append((visit, f, hit, hit and bool(clean[j]), cat["psfFlux"].iloc[j] if hit else np.nan,
                          cat["psfFluxErr"].iloc[j] if hit else np.nan))
-    import pandas as pd
-
     return pd.DataFrame(rows, columns=["visit", "flux", "detected", "clean", "psfFlux", "psfFluxErr"])
 
 

@@ -78,14 +78,23 @@ def usable_area_deg2(mask, pixel_scale_arcsec: float = PIXEL_SCALE_ARCSEC) -> fl
     return float((~masks.any_set(mask, "NO_DATA")).sum()) * (pixel_scale_arcsec / 3600.0) ** 2
 
 
+def _registered(butler, name: str) -> bool:
+    return name in {t.name for t in butler.registry.queryDatasetTypes()}
+
+
+def _refs(butler, name: str) -> list:
+    """Find-first refs of dataset type ``name`` in the butler's default collections
+    ([] when the type is not registered)."""
+    if not _registered(butler, name):
+        return []
+    return list(butler.registry.queryDatasets(name, findFirst=True, collections=butler.collections.defaults))
+
+
 def template_visits(butler) -> set[int] | None:
     """Visits selected for the templates: the union over every patch and band of the
     ``goodSeeingVisits`` datasets (``{visit: True}``) the butler's collections hold;
     None when there are none (the template inputs are then unknown)."""
-    if "goodSeeingVisits" not in {t.name for t in butler.registry.queryDatasetTypes()}:
-        return None
-    refs = list(butler.registry.queryDatasets("goodSeeingVisits", findFirst=True,
-                                              collections=butler.collections.defaults))
+    refs = _refs(butler, "goodSeeingVisits")
     if not refs:
         return None
     visits = set()
@@ -155,15 +164,12 @@ def dia_metrics_for(butler, *, apdb=None, truth_collection: str = "2.2i/truth") 
     ``independent`` is None. ``["dia_sources"]["notes"]`` says what was skipped and why;
     ``detector_visits`` lists each one with ``in_template`` and ``scored``.
     """
-    if "goodSeeingDiff_diaSrcTable" not in {t.name for t in butler.registry.queryDatasetTypes()}:
-        return None
-    refs = list(butler.registry.queryDatasets("goodSeeingDiff_diaSrcTable", findFirst=True,
-                                              collections=butler.collections.defaults))
+    refs = _refs(butler, "goodSeeingDiff_diaSrcTable")
     if not refs:
         return None
     refs.sort(key=lambda r: (r.dataId["visit"], r.dataId["detector"]))
     template = template_visits(butler)
-    have_diff = DIFFERENCE in {t.name for t in butler.registry.queryDatasetTypes()}
+    have_diff = _registered(butler, DIFFERENCE)
     notes = []
     if template is None:
         notes.append("no goodSeeingVisits dataset in the collections: template input visits unknown, so no "
