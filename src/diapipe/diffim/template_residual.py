@@ -25,7 +25,7 @@ import numpy as np
 
 from .convolve import fft_convolve_same
 
-__all__ = ["template_significance", "template_residual_variance_factor"]
+__all__ = ["template_residual_variance_factor", "template_significance"]
 
 
 def template_significance(template_image: np.ndarray, variance: np.ndarray, psf_kernel: np.ndarray) -> np.ndarray:

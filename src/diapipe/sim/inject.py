@@ -17,7 +17,7 @@ import numpy as np
 
 from ..exposure.psf import PixelPsf
 
-__all__ = ["blank_positions", "inject_point_sources", "flux_for_snr"]
+__all__ = ["blank_positions", "flux_for_snr", "inject_point_sources"]
 
 
 def inject_point_sources(image: np.ndarray, variance: np.ndarray, psf: PixelPsf, x, y, flux_e,
