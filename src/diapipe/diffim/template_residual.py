@@ -32,7 +32,6 @@ nothing changes.
 from __future__ import annotations
 
 import numpy as np
-
 from scipy import ndimage
 
 from .convolve import fft_convolve_same
@@ -132,11 +131,11 @@ def bright_object_noise_factor(significance: np.ndarray, template_z: np.ndarray,
         above = template_z >= level
         if not above.any():
             break
-        size = 2 * int(round(radius)) + 1
+        size = 2 * round(radius) + 1
         near |= ndimage.maximum_filter(above.view(np.uint8), size=size, mode="constant").astype(bool)
         level *= 10.0
         radius *= 10.0 ** (1.0 / 3.0)
-    labels, n_regions = ndimage.label(near)
+    labels, _ = ndimage.label(near)
     usable = near & ~bright & np.asarray(valid, bool) & np.isfinite(significance)
     n_raised = 0
     for k, region in enumerate(ndimage.find_objects(labels), start=1):
