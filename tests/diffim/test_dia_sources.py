@@ -179,6 +179,31 @@ def test_template_residual_term_suppresses_ring_keeps_transient():
     assert guarded.catalog["psfFluxErr"][j] == pytest.approx(plain.catalog["psfFluxErr"][i], rel=1e-6)
 
 
+def test_neighbourhood_term_suppresses_an_arc_beside_a_bright_star():
+    """A residual arc 10 px from a bright template star (where the star itself is faint,
+    so the pixel-level term leaves it) is detected without the neighbourhood term and not
+    with it; a transient on blank sky is kept."""
+    rng = np.random.default_rng(8)
+    psf = PixelPsf.gaussian(SIGMA, 21)
+    shape = (200, 200)
+    template = np.zeros(shape)
+    star_flux = 2.0e4  # template PSF-flux S/N ~ 2800 in unit noise
+    _add(template, psf, 60.0, 60.0, star_flux)
+    image = rng.normal(0.0, 1.0, shape)
+    _add(image, psf, 70.0, 60.0, 0.003 * star_flux)  # the arc: S/N ~ 8.5, 10 px off the star
+    _add(image, psf, 150.0, 140.0, 100.0)  # a transient, S/N ~ 14
+    matched = Exposure(image=template.astype(np.float32), mask=np.zeros(shape, np.int32),
+                       variance=np.ones(shape, np.float32), psf=psf, photo_calib=PhotoCalib(1.0))
+    pixel_only = _run(_difference(image), background_bin_pix=None, template_residual_fraction=0.01,
+                      matched_template=matched)
+    both = _run(_difference(image), background_bin_pix=None, template_residual_fraction=0.01,
+                template_residual_neighbourhood_fraction=0.005, matched_template=matched)
+    at = lambda cat, x, y: np.hypot(np.asarray(cat["x"]) - x, np.asarray(cat["y"]) - y) < 2
+    assert at(pixel_only.catalog, 70.0, 60.0).sum() == 1
+    assert at(both.catalog, 70.0, 60.0).sum() == 0
+    assert at(both.catalog, 150.0, 140.0).sum() == 1
+
+
 def test_local_noise_scale_follows_a_noisier_corner():
     """A corner whose noise is 15 % above its variance plane gets a local factor of
     ~1.15 and the rest ~1.0 (the whole-image factor, ~1.04, fits neither)."""

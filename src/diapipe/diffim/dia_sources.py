@@ -317,8 +317,8 @@ def detect_and_measure_dia_sources(
     remove_score_centroid_failures: bool = True,
     template_residual_fraction: float = 0.0,
     noise_cell_pix: int = 512,
-    bright_object_min_z: float = 0.0,
-    bright_object_radius_sigma: float = 7.0,
+    template_residual_neighbourhood_fraction: float = 0.0,
+    neighbourhood_radius_sigma: float = 7.0,
 ) -> DiaSourceResult:
     """DiaSources of a difference image (see the module docstring).
 
@@ -366,11 +366,10 @@ def detect_and_measure_dia_sources(
     variances (difference and score) are multiplied by
     `diapipe.diffim.template_residual.template_residual_variance_factor`: PSF-matching
     residuals at bright template objects are not detected as sources; measurement
-    keeps the plain variance. With ``bright_object_min_z`` > 0 (and ``matched_template``)
-    the detection noise is also *measured* next to every template object at least that
-    significant (`diapipe.diffim.template_residual.bright_object_noise_factor`, within
-    ``bright_object_radius_sigma`` PSF sigmas) and raised where residual rings make it
-    exceed the noise model; ``stats["n_bright_noise_regions"]`` counts those regions.
+    keeps the plain variance. With ``template_residual_neighbourhood_fraction`` > 0 the
+    factor also grows with the brightest template object within
+    ``neighbourhood_radius_sigma`` PSF sigmas (further for brighter ones;
+    `diapipe.diffim.template_residual.neighbourhood_peak`): residual rings beside bright stars.
     """
     if difference.psf is None or difference.wcs is None or difference.photo_calib is None:
         raise ValueError(f"visit {visit} detector {detector}: the difference needs a PSF, a WCS and a PhotoCalib")
@@ -403,30 +402,23 @@ def detect_and_measure_dia_sources(
     score_scale = float("nan")
     score_stats: dict = {}
     residual_factor = None
-    template_z = None
-    if matched_template is not None and (template_residual_fraction > 0 or bright_object_min_z > 0):
-        from .template_residual import template_residual_variance_factor, template_significance
+    if matched_template is not None and (template_residual_fraction > 0 or template_residual_neighbourhood_fraction > 0):
+        from .template_residual import (
+            neighbourhood_peak,
+            template_residual_variance_factor,
+            template_significance,
+        )
 
         template_z = template_significance(
             matched_template.image, variance, psf.compute_kernel_image(x0 + 0.5 * (image.shape[1] - 1),
                                                                        y0 + 0.5 * (image.shape[0] - 1)))
-        if template_residual_fraction > 0:
-            residual_factor = template_residual_variance_factor(template_z, template_residual_fraction)
-    bright = None
-    if template_z is not None and bright_object_min_z > 0:
-        bright = (template_z, float(bright_object_min_z), int(np.ceil(bright_object_radius_sigma * psf.sigma())))
+        peak = None
+        if template_residual_neighbourhood_fraction > 0:
+            peak = neighbourhood_peak(template_z, int(np.ceil(neighbourhood_radius_sigma * psf.sigma())))
+        residual_factor = template_residual_variance_factor(template_z, template_residual_fraction, peak,
+                                                            template_residual_neighbourhood_fraction)
     detection_variance = variance if residual_factor is None else (variance * residual_factor).astype(np.float32)
-    n_bright_regions = 0
     if score is None:
-        if bright is not None:
-            from .template_residual import bright_object_noise_factor
-
-            good = np.isfinite(image) & np.isfinite(detection_variance) & ~masks.any_set(mask, "NO_DATA")
-            sig = smoothed_significance(np.where(good, image, 0.0), np.where(good, detection_variance, 0.0),
-                                        psf.sigma(), threshold_type, valid=good)
-            factor, n_bright_regions = bright_object_noise_factor(sig, bright[0], good, min_template_z=bright[1],
-                                                                  radius_pix=bright[2])
-            detection_variance = (detection_variance * factor**2).astype(np.float32)
         fps = detect_sources(image, detection_variance, mask, psf.sigma(), threshold, polarity="both",
                              threshold_type=threshold_type, grow_pix=grow_pix, deblend=deblend_peaks)
     else:
@@ -436,9 +428,8 @@ def detect_and_measure_dia_sources(
                                            threshold_type=threshold_type, grow_pix=grow_pix,
                                            deblend=deblend_peaks, background_bin_pix=background_bin_pix,
                                            scale_variance=scale_variance, variance_factor=residual_factor,
-                                           noise_cell_pix=noise_cell_pix, bright_objects=bright)
+                                           noise_cell_pix=noise_cell_pix)
         score_scale = score_stats.pop("score_noise_scale")
-        n_bright_regions = score_stats.pop("n_bright_noise_regions")
     cat = measure_sources(image, variance, mask, psf, fps, aperture_radii=(float(aperture_radius_pix),))
     n_removed_centroid = 0
     if score is not None and remove_score_centroid_failures and len(cat):
@@ -645,7 +636,6 @@ def detect_and_measure_dia_sources(
         "detection_noise_scale": noise_scale,
         "detection_noise_scale_max": noise_scale_max,
         "score_noise_scale": score_scale,
-        "n_bright_noise_regions": n_bright_regions,
         "detected_on_score": score is not None,
         **score_stats,
     }

@@ -155,7 +155,7 @@ def merge_score_and_difference(score_fps: Footprints, difference_fps: Footprints
 
 def detect_on_score(score, image, variance, mask, psf_sigma_pix, *, threshold=5.0, threshold_type="pixel_stdev",
                     grow_pix=2, deblend=False, background_bin_pix=128, scale_variance=True,
-                    margin_pix=None, variance_factor=None, noise_cell_pix=512, bright_objects=None) -> tuple[Footprints, dict]:
+                    margin_pix=None, variance_factor=None, noise_cell_pix=512) -> tuple[Footprints, dict]:
     """Detection on a score image with the difference image as fallback; sets ``mask``'s detection planes.
 
     Parameters
@@ -176,11 +176,6 @@ def detect_on_score(score, image, variance, mask, psf_sigma_pix, *, threshold=5.
         Multiplies the score variance for the final detection only (after its
         noise scaling), e.g. `diapipe.diffim.template_residual` 's factor; the
         caller passes ``variance`` already multiplied.
-    bright_objects : `tuple`, optional
-        ``(template_z, min_template_z, radius_pix)``: then the score's noise next to
-        bright template objects is measured and raised where above the model
-        (`diapipe.diffim.template_residual.bright_object_noise_factor`);
-        ``stats["n_bright_noise_regions"]`` counts the raised regions.
 
     Returns
     -------
@@ -214,16 +209,6 @@ def detect_on_score(score, image, variance, mask, psf_sigma_pix, *, threshold=5.
               "set_mask": False}
     if variance_factor is not None:
         s_var = (s_var * variance_factor).astype(np.float32)
-    n_bright = 0
-    if bright_objects is not None:
-        from .template_residual import bright_object_noise_factor
-
-        template_z, min_z, radius = bright_objects
-        with np.errstate(invalid="ignore", divide="ignore"):
-            valid = np.isfinite(s_img) & np.isfinite(s_var) & (s_var > 0)
-            sig = np.where(valid, s_img / np.sqrt(np.where(valid, s_var, 1.0)), np.float32(0.0))
-        factor, n_bright = bright_object_noise_factor(sig, template_z, valid, min_template_z=min_z, radius_pix=radius)
-        s_var = (s_var * factor**2).astype(np.float32)
     s_fps = detect_sources(s_img, s_var, mask, NO_SMOOTHING_SIGMA_PIX, threshold,
                            peak_radius_pix=max(1.0, psf_sigma_pix), **common)
     d_fps = detect_sources(image, variance, mask, psf_sigma_pix, threshold, **common)
@@ -235,7 +220,6 @@ def detect_on_score(score, image, variance, mask, psf_sigma_pix, *, threshold=5.
     usable = ~masks.any_set(mask, "NO_DATA") & np.isfinite(image)
     stats = {
         "score_noise_scale": float(scale),
-        "n_bright_noise_regions": n_bright,
         "n_score_fallback": n_fallback,
         "score_fallback_fraction": float(fallback.sum() / max(int(usable.sum()), 1)),
     }
