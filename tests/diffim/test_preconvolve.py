@@ -242,3 +242,38 @@ def test_debiased_score_kernel_removes_star_residuals():
     assert np.median(z[False][bright]) > 2.0  # the bias this guards against
     assert abs(np.median(z[True][bright])) < 1.5
     assert (np.abs(z[True]) > 5).sum() == 0
+
+
+def test_fallback_detection_discounts_residuals_beside_bright_stars():
+    """In the score's no-data region the difference stands in; a residual beside a bright
+    star there (a 30 sigma arc 8 px off a star of template S/N ~2800) is detected with the
+    ordinary template-residual terms and not with scoreFallbackResidualScale = 10; a
+    transient in the same region, away from the star, is kept."""
+    from diffim.test_dia_sources import _add, _difference, _run
+
+    from diapipe.exposure.exposure import Exposure, PhotoCalib
+
+    rng = np.random.default_rng(13)
+    psf = PixelPsf.gaussian(2.0, 21)
+    shape = (200, 200)
+    template = np.zeros(shape)
+    _add(template, psf, 100.0, 130.0, 2.0e4)
+    img = rng.normal(0.0, 1.0, shape)
+    _add(img, psf, 108.0, 130.0, 210.0)  # the arc: S/N ~ 30
+    _add(img, psf, 100.0, 60.0, 150.0)  # a transient, S/N ~ 21
+    diff = _difference(img.copy())
+    s = score_from_difference(img, np.ones(shape), np.zeros(shape, np.int32), psf)
+    s.image[40:160, 80:120] = np.nan  # the score's margin at a template hole
+    s.variance[40:160, 80:120] = np.nan
+    score = Exposure(image=s.image, mask=s.mask, variance=s.variance, wcs=diff.wcs, psf=s.psf,
+                     photo_calib=diff.photo_calib)
+    matched = Exposure(image=template.astype(np.float32), mask=np.zeros(shape, np.int32),
+                       variance=np.ones(shape, np.float32), psf=psf, photo_calib=PhotoCalib(1.0))
+    terms = {"matched_template": matched, "template_residual_fraction": 0.01,
+             "template_residual_neighbourhood_fraction": 0.005}
+    at = lambda cat, x, y: int((np.hypot(np.asarray(cat["x"]) - x, np.asarray(cat["y"]) - y) < 2).sum())
+    plain = _run(diff, score=score, **terms).catalog
+    scaled = _run(diff, score=score, fallback_residual_scale=10.0, **terms).catalog
+    assert at(plain, 108.0, 130.0) == 1
+    assert at(scaled, 108.0, 130.0) == 0
+    assert at(scaled, 100.0, 60.0) == 1

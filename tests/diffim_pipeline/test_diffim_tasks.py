@@ -21,7 +21,9 @@ def butler(diffim_repo):
 def a_visit(butler):
     refs = list(butler.registry.queryDatasets("goodSeeingDiff_diaSrcTable", collections=COLLECTION))
     assert len(refs) == 9, "one diaSrcTable per visit of the test preset"
-    return int(sorted(r.dataId["visit"] for r in refs)[0])
+    # the visit with the most DiaSources: template visits keep only 1-3 (their transients are
+    # partly in the template), too few for the error-percentile check below
+    return int(max(refs, key=lambda r: (len(butler.get(r)), -r.dataId["visit"])).dataId["visit"])
 
 
 def test_dia_source_table_matches_apdb_schema(butler, a_visit):

@@ -319,6 +319,7 @@ def detect_and_measure_dia_sources(
     noise_cell_pix: int = 512,
     template_residual_neighbourhood_fraction: float = 0.0,
     neighbourhood_radius_sigma: float = 7.0,
+    fallback_residual_scale: float = 1.0,
 ) -> DiaSourceResult:
     """DiaSources of a difference image (see the module docstring).
 
@@ -370,6 +371,10 @@ def detect_and_measure_dia_sources(
     factor also grows with the brightest template object within
     ``neighbourhood_radius_sigma`` PSF sigmas (further for brighter ones;
     `diapipe.diffim.template_residual.neighbourhood_peak`): residual rings beside bright stars.
+    Where detection falls back from the score to the difference (next to the score's
+    no-data), both fractions are multiplied by ``fallback_residual_scale`` and the
+    neighbourhood also counts bright objects of ``science``: that difference, in a visit
+    sharper than its template, is a deconvolution with residuals of 1-20 % at stars.
     """
     if difference.psf is None or difference.wcs is None or difference.photo_calib is None:
         raise ValueError(f"visit {visit} detector {detector}: the difference needs a PSF, a WCS and a PhotoCalib")
@@ -409,15 +414,23 @@ def detect_and_measure_dia_sources(
             template_significance,
         )
 
-        template_z = template_significance(
-            matched_template.image, variance, psf.compute_kernel_image(x0 + 0.5 * (image.shape[1] - 1),
-                                                                       y0 + 0.5 * (image.shape[0] - 1)))
+        kernel = psf.compute_kernel_image(x0 + 0.5 * (image.shape[1] - 1), y0 + 0.5 * (image.shape[0] - 1))
+        template_z = template_significance(matched_template.image, variance, kernel)
         peak = None
         if template_residual_neighbourhood_fraction > 0:
             peak = neighbourhood_peak(template_z, int(np.ceil(neighbourhood_radius_sigma * psf.sigma())))
         residual_factor = template_residual_variance_factor(template_z, template_residual_fraction, peak,
                                                             template_residual_neighbourhood_fraction)
     detection_variance = variance if residual_factor is None else (variance * residual_factor).astype(np.float32)
+    fallback_variance = None
+    if score is not None and residual_factor is not None and fallback_residual_scale != 1.0:
+        bright = np.abs(template_z)
+        if science is not None:
+            bright = np.maximum(bright, np.abs(template_significance(science.image, variance, kernel)))
+        peak = neighbourhood_peak(bright, int(np.ceil(neighbourhood_radius_sigma * psf.sigma())))
+        fallback_variance = (variance * template_residual_variance_factor(
+            template_z, fallback_residual_scale * template_residual_fraction, peak,
+            fallback_residual_scale * template_residual_neighbourhood_fraction)).astype(np.float32)
     if score is None:
         fps = detect_sources(image, detection_variance, mask, psf.sigma(), threshold, polarity="both",
                              threshold_type=threshold_type, grow_pix=grow_pix, deblend=deblend_peaks)
@@ -428,7 +441,7 @@ def detect_and_measure_dia_sources(
                                            threshold_type=threshold_type, grow_pix=grow_pix,
                                            deblend=deblend_peaks, background_bin_pix=background_bin_pix,
                                            scale_variance=scale_variance, variance_factor=residual_factor,
-                                           noise_cell_pix=noise_cell_pix)
+                                           noise_cell_pix=noise_cell_pix, difference_variance=fallback_variance)
         score_scale = score_stats.pop("score_noise_scale")
     cat = measure_sources(image, variance, mask, psf, fps, aperture_radii=(float(aperture_radius_pix),))
     n_removed_centroid = 0

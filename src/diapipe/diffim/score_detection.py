@@ -155,7 +155,8 @@ def merge_score_and_difference(score_fps: Footprints, difference_fps: Footprints
 
 def detect_on_score(score, image, variance, mask, psf_sigma_pix, *, threshold=5.0, threshold_type="pixel_stdev",
                     grow_pix=2, deblend=False, background_bin_pix=128, scale_variance=True,
-                    margin_pix=None, variance_factor=None, noise_cell_pix=512) -> tuple[Footprints, dict]:
+                    margin_pix=None, variance_factor=None, noise_cell_pix=512,
+                    difference_variance=None) -> tuple[Footprints, dict]:
     """Detection on a score image with the difference image as fallback; sets ``mask``'s detection planes.
 
     Parameters
@@ -176,6 +177,10 @@ def detect_on_score(score, image, variance, mask, psf_sigma_pix, *, threshold=5.
         Multiplies the score variance for the final detection only (after its
         noise scaling), e.g. `diapipe.diffim.template_residual` 's factor; the
         caller passes ``variance`` already multiplied.
+
+    difference_variance : `numpy.ndarray`, optional
+        Variance for the detection on the difference (kept only in the fallback
+        region); default ``variance``.
 
     Returns
     -------
@@ -211,7 +216,8 @@ def detect_on_score(score, image, variance, mask, psf_sigma_pix, *, threshold=5.
         s_var = (s_var * variance_factor).astype(np.float32)
     s_fps = detect_sources(s_img, s_var, mask, NO_SMOOTHING_SIGMA_PIX, threshold,
                            peak_radius_pix=max(1.0, psf_sigma_pix), **common)
-    d_fps = detect_sources(image, variance, mask, psf_sigma_pix, threshold, **common)
+    d_fps = detect_sources(image, variance if difference_variance is None else difference_variance, mask,
+                           psf_sigma_pix, threshold, **common)
     fallback = score_fallback_region(s_img, s_var, image, variance, mask, margin_pix=margin)
     merged, n_fallback = merge_score_and_difference(s_fps, d_fps, fallback)
     mask &= np.int32(~masks.bits(("DETECTED", "DETECTED_NEGATIVE")))
