@@ -156,3 +156,15 @@ def test_large_input_is_vectorised():
     plain = src[src.band == "g"].groupby("diaObjectId").psfFlux.mean()
     got = out.set_index("diaObjectId").loc[plain.index, "g_psfFluxMean"]
     np.testing.assert_allclose(got.to_numpy(), plain.to_numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_no_dia_sources_with_forced_sources():
+    """A visit whose difference image has no DiaSource still forced-photometers the known
+    DiaObjects; the summary of no DiaSources is empty (it used to index an empty array:
+    diaPipe failed on two quiet ci_imsim visits)."""
+    src = pd.DataFrame({"diaObjectId": np.array([], np.int64), "ra": [], "dec": [], "midpointMjdTai": [],
+                        "band": [], "psfFlux": [], "psfFluxErr": []})
+    forced = pd.DataFrame({"diaObjectId": [1, 2], "band": ["g", "g"], "psfFlux": [10.0, 20.0],
+                           "psfFluxErr": [1.0, 1.0]})
+    out = dia_object_summary(src, forced)
+    assert len(out) == 0

@@ -244,9 +244,9 @@ def dia_object_summary(
         if need:
             raise KeyError(f"dia_forced_sources lacks columns {need}")
         fid = dia_forced_sources["diaObjectId"].to_numpy(dtype=np.int64)
-        pos = np.searchsorted(out["diaObjectId"], fid)
-        pos = np.clip(pos, 0, n_groups - 1)
-        known = out["diaObjectId"][pos] == fid
+        pos = np.clip(np.searchsorted(out["diaObjectId"], fid), 0, max(n_groups - 1, 0))
+        # no DiaSources in this visit (a quiet difference image): no object to attach them to
+        known = out["diaObjectId"][pos] == fid if n_groups else np.zeros(fid.size, bool)
         fband = dia_forced_sources["band"].astype(object).to_numpy()
         fflux = dia_forced_sources["psfFlux"].to_numpy(dtype=float)
         ferr = dia_forced_sources["psfFluxErr"].to_numpy(dtype=float)
