@@ -45,6 +45,15 @@ def _difference(image, mask=None):
                     variance=np.ones(image.shape, np.float32), wcs=_wcs(), psf=psf, photo_calib=PhotoCalib(1.0))
 
 
+def _star_template(x, y, flux, shape=(200, 200)):
+    """A matched template holding one star (unit variance, the test PSF)."""
+    psf = PixelPsf.gaussian(SIGMA, 21)
+    template = np.zeros(shape)
+    _add(template, psf, x, y, flux)
+    return Exposure(image=template.astype(np.float32), mask=np.zeros(shape, np.int32),
+                    variance=np.ones(shape, np.float32), psf=psf, photo_calib=PhotoCalib(1.0))
+
+
 def _run(diff, matched_template=None, **kwargs):
     return detect_and_measure_dia_sources(diff, science=None, matched_template=matched_template, visit=1, detector=2,
                                           n_sky_sources=0, rng=np.random.default_rng(0), **kwargs)
@@ -152,9 +161,8 @@ def test_template_residual_term_suppresses_ring_keeps_transient():
     rng = np.random.default_rng(7)
     psf = PixelPsf.gaussian(SIGMA, 21)
     shape = (200, 200)
-    template = np.zeros(shape)
     star_flux = 2.0e6  # template PSF-flux S/N ~ 1.4e5 in unit noise
-    _add(template, psf, 60.0, 60.0, star_flux)
+    matched = _star_template(60.0, 60.0, star_flux, shape)
     # difference: unit noise + a PSF-width mismatch residual of the star (a ring, 0.3 % of its flux)
     # + a transient of PSF-flux S/N ~ 14 on blank sky
     wider = PixelPsf.gaussian(SIGMA * 1.01, 21)
@@ -163,8 +171,6 @@ def test_template_residual_term_suppresses_ring_keeps_transient():
     _add(ring, wider, 60.0, 60.0, -star_flux)
     image = rng.normal(0.0, 1.0, shape) + ring
     _add(image, psf, 150.0, 140.0, 100.0)
-    matched = Exposure(image=template.astype(np.float32), mask=np.zeros(shape, np.int32),
-                       variance=np.ones(shape, np.float32), psf=psf, photo_calib=PhotoCalib(1.0))
     plain = _run(_difference(image), background_bin_pix=None)
     guarded = _run(_difference(image), background_bin_pix=None, template_residual_fraction=0.01,
                    matched_template=matched)
@@ -185,15 +191,11 @@ def test_neighbourhood_term_suppresses_an_arc_beside_a_bright_star():
     with it; a transient on blank sky is kept."""
     rng = np.random.default_rng(8)
     psf = PixelPsf.gaussian(SIGMA, 21)
-    shape = (200, 200)
-    template = np.zeros(shape)
     star_flux = 2.0e4  # template PSF-flux S/N ~ 2800 in unit noise
-    _add(template, psf, 60.0, 60.0, star_flux)
-    image = rng.normal(0.0, 1.0, shape)
+    matched = _star_template(60.0, 60.0, star_flux)
+    image = rng.normal(0.0, 1.0, (200, 200))
     _add(image, psf, 70.0, 60.0, 0.003 * star_flux)  # the arc: S/N ~ 8.5, 10 px off the star
     _add(image, psf, 150.0, 140.0, 100.0)  # a transient, S/N ~ 14
-    matched = Exposure(image=template.astype(np.float32), mask=np.zeros(shape, np.int32),
-                       variance=np.ones(shape, np.float32), psf=psf, photo_calib=PhotoCalib(1.0))
     pixel_only = _run(_difference(image), background_bin_pix=None, template_residual_fraction=0.01,
                       matched_template=matched)
     both = _run(_difference(image), background_bin_pix=None, template_residual_fraction=0.01,

@@ -249,15 +249,14 @@ def test_fallback_detection_discounts_residuals_beside_bright_stars():
     star there (a 30 sigma arc 8 px off a star of template S/N ~2800) is detected with the
     ordinary template-residual terms and not with scoreFallbackResidualScale = 10; a
     transient in the same region, away from the star, is kept."""
-    from diffim.test_dia_sources import _add, _difference, _run
+    from diffim.test_dia_sources import _add, _difference, _run, _star_template
 
-    from diapipe.exposure.exposure import Exposure, PhotoCalib
+    from diapipe.exposure.exposure import Exposure
 
     rng = np.random.default_rng(13)
     psf = PixelPsf.gaussian(2.0, 21)
     shape = (200, 200)
-    template = np.zeros(shape)
-    _add(template, psf, 100.0, 130.0, 2.0e4)
+    matched = _star_template(100.0, 130.0, 2.0e4, shape)
     img = rng.normal(0.0, 1.0, shape)
     _add(img, psf, 108.0, 130.0, 210.0)  # the arc: S/N ~ 30
     _add(img, psf, 100.0, 60.0, 150.0)  # a transient, S/N ~ 21
@@ -267,8 +266,6 @@ def test_fallback_detection_discounts_residuals_beside_bright_stars():
     s.variance[40:160, 80:120] = np.nan
     score = Exposure(image=s.image, mask=s.mask, variance=s.variance, wcs=diff.wcs, psf=s.psf,
                      photo_calib=diff.photo_calib)
-    matched = Exposure(image=template.astype(np.float32), mask=np.zeros(shape, np.int32),
-                       variance=np.ones(shape, np.float32), psf=psf, photo_calib=PhotoCalib(1.0))
     terms = {"matched_template": matched, "template_residual_fraction": 0.01,
              "template_residual_neighbourhood_fraction": 0.005}
     at = lambda cat, x, y: int((np.hypot(np.asarray(cat["x"]) - x, np.asarray(cat["y"]) - y) < 2).sum())

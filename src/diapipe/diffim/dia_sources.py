@@ -415,21 +415,22 @@ def detect_and_measure_dia_sources(
         )
 
         kernel = psf.compute_kernel_image(x0 + 0.5 * (image.shape[1] - 1), y0 + 0.5 * (image.shape[0] - 1))
+        radius = int(np.ceil(neighbourhood_radius_sigma * psf.sigma()))
         template_z = template_significance(matched_template.image, variance, kernel)
         peak = None
         if template_residual_neighbourhood_fraction > 0:
-            peak = neighbourhood_peak(template_z, int(np.ceil(neighbourhood_radius_sigma * psf.sigma())))
+            peak = neighbourhood_peak(template_z, radius)
         residual_factor = template_residual_variance_factor(template_z, template_residual_fraction, peak,
                                                             template_residual_neighbourhood_fraction)
     detection_variance = variance if residual_factor is None else (variance * residual_factor).astype(np.float32)
     fallback_variance = None
     if score is not None and residual_factor is not None and fallback_residual_scale != 1.0:
-        bright = np.abs(template_z)
-        if science is not None:
-            bright = np.maximum(bright, np.abs(template_significance(science.image, variance, kernel)))
-        peak = neighbourhood_peak(bright, int(np.ceil(neighbourhood_radius_sigma * psf.sigma())))
+        fallback_peak = peak
+        if peak is not None and science is not None:
+            science_z = template_significance(science.image, variance, kernel)
+            fallback_peak = neighbourhood_peak(np.maximum(np.abs(template_z), np.abs(science_z)), radius)
         fallback_variance = (variance * template_residual_variance_factor(
-            template_z, fallback_residual_scale * template_residual_fraction, peak,
+            template_z, fallback_residual_scale * template_residual_fraction, fallback_peak,
             fallback_residual_scale * template_residual_neighbourhood_fraction)).astype(np.float32)
     if score is None:
         fps = detect_sources(image, detection_variance, mask, psf.sigma(), threshold, polarity="both",

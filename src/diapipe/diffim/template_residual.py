@@ -104,10 +104,10 @@ def neighbourhood_peak(template_z: np.ndarray, radius_pix: float, *, min_templat
     z = np.abs(np.asarray(template_z, np.float32))
     peak = np.zeros(z.shape, np.float32)
     level, k = float(min_template_z), 0
-    while (z >= level).any():
+    while (above := z >= level).any():
         radius = radius_pix * growth_per_decade ** (k / 2.0)
         size = 2 * round(radius) + 1
-        near = ndimage.maximum_filter((z >= level).view(np.uint8), size=size, mode="constant").astype(bool)
+        near = ndimage.maximum_filter(above.view(np.uint8), size=size, mode="constant").astype(bool)
         peak[near] = np.float32(level)
         level *= level_step
         k += 1
