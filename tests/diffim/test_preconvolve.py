@@ -274,3 +274,16 @@ def test_fallback_detection_discounts_residuals_beside_bright_stars():
     assert at(plain, 108.0, 130.0) == 1
     assert at(scaled, 108.0, 130.0) == 0
     assert at(scaled, 100.0, 60.0) == 1
+
+
+@pytest.mark.parametrize("name, bad", [("templateResidualFraction", -0.01),
+                                       ("templateResidualNeighbourhoodFraction", -0.005),
+                                       ("templateResidualNeighbourhoodRadius", 0.0),
+                                       ("scoreFallbackResidualScale", 0.5)])
+def test_residual_options_reject_bad_values_by_name(name, bad):
+    from lsst.pex.config import FieldValidationError
+
+    from diapipe.diffim import tasks
+
+    with pytest.raises(FieldValidationError, match=name):
+        setattr(tasks.DetectAndMeasureConfig(), name, bad)

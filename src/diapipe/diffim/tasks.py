@@ -577,16 +577,16 @@ class DetectAndMeasureConfig(pipeBase.PipelineTaskConfig, pipelineConnections=De
         "spurious 250 -> 163 (corner cells of up to 1.15 where fewer template inputs overlap), ci_imsim 43 -> "
         "38, test preset unchanged, no truth-matched DiaSource lost.",
     )
-    templateResidualNeighbourhoodFraction = pexConfig.Field(
-        dtype=float, default=0.005,
+    templateResidualNeighbourhoodFraction = pexConfig.RangeField(
+        dtype=float, default=0.005, min=0.0,
         doc="PSF-matching residual spread over the kernel's reach: the detection noise also gets this fraction "
         "of the brightest matched-template object nearby (templateResidualNeighbourhoodRadius; "
         "diapipe.diffim.template_residual.neighbourhood_peak) in quadrature. 0 disables. Measured on the visits "
         "not in their template: ci_imsim spurious 18 -> 12, 4patch_4431 detector 94 120 -> 94, test preset 8 -> 6, "
         "no truth-matched DiaSource lost.",
     )
-    scoreFallbackResidualScale = pexConfig.Field(
-        dtype=float, default=10.0,
+    scoreFallbackResidualScale = pexConfig.RangeField(
+        dtype=float, default=10.0, min=1.0,
         doc="Where the score has no data and the ordinary difference stands in for detection "
         "(diapipe.diffim.score_detection), both template-residual fractions are multiplied by this, and the "
         "neighbourhood term also follows bright objects of the science image: next to template holes at "
@@ -595,13 +595,13 @@ class DetectAndMeasureConfig(pipeBase.PipelineTaskConfig, pipelineConnections=De
         "template: spurious 12 -> 7 (1 -> 10: all 6 fallback detections but one were spurious), test preset "
         "unchanged (6), no truth-matched DiaSource lost. 1 disables.",
     )
-    templateResidualNeighbourhoodRadius = pexConfig.Field(
-        dtype=float, default=7.0,
+    templateResidualNeighbourhoodRadius = pexConfig.RangeField(
+        dtype=float, default=7.0, min=0.0, inclusiveMin=False,
         doc="Reach of templateResidualNeighbourhoodFraction from an object of template PSF-flux S/N 100, in PSF "
         "sigmas (2.2x further per decade of S/N).",
     )
-    templateResidualFraction = pexConfig.Field(
-        dtype=float, default=0.01,
+    templateResidualFraction = pexConfig.RangeField(
+        dtype=float, default=0.01, min=0.0,
         doc="PSF-matching residual at bright objects, as a fraction of the matched template's PSF flux, added "
         "in quadrature to the detection noise (diapipe.diffim.template_residual; ZOGY's source-noise idea); "
         "fluxes and errors are measured without it. 0 disables. Measured with 0.01: ci_imsim spurious 64 -> 43 "
