@@ -126,3 +126,47 @@ def test_too_few_sources_error_has_counts():
         select_kernel_sources(cat, np.zeros((200, 200), np.int32), 10)
     assert (info.value.n_found, info.value.n_needed) == (2, 3)
     assert "found 2, need 3" in str(info.value)
+
+
+def test_bright_variable_stamps_rejected_bright_stars_kept():
+    """Two bright variable stars (science flux x1.2 and x0.8) and two bright constant stars
+    among faint kernel sources. Each stamp's kernel sum is judged against its own error,
+    so the variables go and the constant stars, which define the kernel, stay. The old
+    clip (population robust sigma around the plain median, which the faint stamps set)
+    kept the variables; they bent the spatial fit, which then rejected both constant
+    stars: kernel sum 1.137 for 1.05 (test preset visit 1560714: score residuals of 4 %
+    of a star's significance)."""
+    rng = np.random.default_rng(6)
+    n_stars = 80
+    xs, ys = rng.uniform(30, N - 30, n_stars), rng.uniform(30, N - 30, n_stars)
+    fluxes = 10 ** rng.uniform(2.6, 3.3, n_stars)  # mostly faint stamps (S/N 10-40)
+    fluxes[:4] = 3e5
+    change = np.ones(n_stars)
+    change[2], change[3] = 1.2, 0.8  # 0 and 1 are constant
+    sigma_s = np.hypot(1.6, 1.5)
+    template = _stars((N, N), xs, ys, fluxes, 1.6)
+    science = _stars((N, N), xs, ys, 1.05 * fluxes * change, sigma_s)
+    t_var = np.full((N, N), 4.0) + 0.1 * template
+    s_var = np.full((N, N), 25.0) + science
+    template += rng.normal(size=(N, N)) * np.sqrt(t_var)
+    science += rng.normal(size=(N, N)) * np.sqrt(s_var)
+    basis = basis_for_psfs(1.6, sigma_s)
+    result = fit_psf_matching_kernel(template, t_var, science, s_var, xs, ys, basis, fit_half_size=15,
+                                     spatial_order=1, background_order=0)
+    assert result.used[:2].all()
+    assert not result.used[2:4].any()
+    assert result.solution.kernel_sum() == pytest.approx(1.05, abs=5e-3)
+
+
+def test_kernel_sum_outliers_weighted_centre():
+    sums = np.array([1.0, 1.001, 0.999, 1.5, 1.6, 1.4, 1.3, 1.22])
+    errs = np.array([0.003, 0.003, 0.003, 0.3, 0.3, 0.3, 0.3, 0.005])
+    out = kernel_sum_outliers_of(sums, errs)
+    # the precise stamps set the centre (1.0), not the faint majority; the precise 1.22 is out
+    assert out.tolist() == [False, False, False, False, False, False, False, True]
+
+
+def kernel_sum_outliers_of(sums, errs):
+    from diapipe.diffim.kernel_fit import kernel_sum_outliers
+
+    return kernel_sum_outliers(sums, errs, np.ones(len(sums), bool), 3.0, 0.01)

@@ -1,7 +1,7 @@
 """DiaSource PSF flux against injected truth: fake point sources in the test preset's
 independent calexps, through subtractImages and detectAndMeasure as ApPipe runs them.
 
-The preset's own transients give a pull width known only to about ±0.15 (53 sources;
+The preset's own transients give a pull width known only to about ±0.15 (54 sources of 22 objects;
 ``test_diffim_quality.test_psf_flux_pull_width``); some 400 injected sources measure
 it to a few per cent.
 

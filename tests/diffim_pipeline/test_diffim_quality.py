@@ -99,8 +99,8 @@ def test_spurious_density(scored):
     density = figures["spurious_per_deg2"]
     print(f"spurious: {figures['n_spurious']} ({density:.0f}/deg²), unflagged {figures['n_spurious_unflagged']} "
           f"({figures['unflagged_spurious_per_deg2']:.0f}/deg²) over {figures['area_deg2']:.5f} deg²")
-    # Still far above the issue's 100/deg²: residuals of PSF mismatch at bright stars and
-    # galaxies (worst where the science PSF is narrower than the template's) dominate.
+    # Above the issue's 100/deg² (which means 0 sources in this area): residuals of bright
+    # variables where the science PSF is narrower than the template's, and noise peaks.
     assert density <= SPURIOUS_BOUND
 
 
@@ -122,7 +122,7 @@ def test_spurious_density_after_residual_cut(scored):
     kept_real = keep[src.real].mean()
     print(f"after flags + residual cut: {len(spurious)} spurious ({density:.0f}/deg²); "
           f"{kept_real:.3f} of {len(real)} truth-matched DiaSources kept")
-    # measured about 57 of 64 kept (0.89): the real ones it drops are flagged, or bright variable
+    # measured 56 of 65 kept (0.86): the real ones it drops are flagged, or bright variable
     # stars with PSF-shape residuals (0.86 while the pixel-level template-residual term alone
     # moved two such peaks from a ring onto the star)
     assert kept_real >= 0.85, "the cut removes real DiaSources"
@@ -157,8 +157,8 @@ def test_psf_flux_vs_truth(scored):
     assert abs(flux["flux_ratio_median"] - 1.0) < 0.02  # measured 1.0053
 
 
-@pytest.mark.xfail(strict=True, reason="the pulls' IQR width of these 53 DiaSources (3 visits, 14 bright "
-                   "transients seen twice) is 0.77; at n = 53 the statistic scatters by about +-0.15. The same "
+@pytest.mark.xfail(strict=True, reason="the pulls' IQR width of these 54 DiaSources (3 visits, 22 "
+                   "objects, 15 of them in all three) is 0.76; at n = 54 the statistic scatters by about +-0.15. The same "
                    "figure on ~390 sources injected into the same visits is asserted in test_diffim_injection "
                    "(0.98), and on the independent visits of ci_imsim (87 DiaSources) and 4patch_4431 (155) "
                    "it is 0.94 and 0.99")
@@ -166,13 +166,17 @@ def test_psf_flux_pull_width(scored):
     assert abs(scored["figures"]["psf_flux"]["pull_iqr_width"] - 1.0) <= 0.15
 
 
-#: Reached on the test preset (not the issue's 100/deg²): 6 spurious in 0.0053 deg² (1140/deg²)
-#: with the score's debiased kernel fit (8 without) and the neighbourhood template-residual term
-#: (templateResidualNeighbourhoodFraction; 8 -> 6); 11 (2090/deg²) before both, 15 without the
-#: template-residual term, 21 before detection on the preconvolved score, 39 before one DiaSource
-#: per footprint and the detection-scale noise calibration. A Gaussian-noise difference image
-#: with these PSFs would give ~0.5 spurious here (about 85/deg² on ci_imsim's PSFs).
-SPURIOUS_BOUND = 1500.0
-#: After `residual_cut`: about 1 spurious in 0.0053 deg² (190/deg²; 3 before the neighbourhood term
-#: and the debiased score kernel, 5 without the template-residual term).
-CUT_SPURIOUS_BOUND = 800.0
+#: Reached on the test preset (not the issue's 100/deg²): 3 spurious in 0.0053 deg² (570/deg²):
+#: a 16.5 mag variable measured 2.8 px off in a visit sharper than its template, and two 5.6σ
+#: peaks. 6 (1140/deg²) before kernel sums were judged by each stamp's own error
+#: (`kernel_sum_outliers`), 8 without the score's debiased kernel fit, 11 (2090/deg²) before
+#: the neighbourhood template-residual term, 15 without the template-residual term, 21 before
+#: detection on the preconvolved score, 39 before one DiaSource per footprint and the
+#: detection-scale noise calibration. A Gaussian-noise difference image with these PSFs would
+#: give ~0.5 spurious here (about 85/deg² on ci_imsim's PSFs), so the issue's 100/deg² means
+#: none; the preset also has 10x DC2's star density, which multiplies bright-star residuals.
+SPURIOUS_BOUND = 800.0
+#: After `residual_cut`: no spurious left in 0.0053 deg² (1 before kernel sums were judged per
+#: stamp, 3 before the neighbourhood term and the debiased score kernel, 5 without the
+#: template-residual term); one more fails.
+CUT_SPURIOUS_BOUND = 200.0
