@@ -225,3 +225,49 @@ def test_local_noise_scale_follows_a_noisier_corner():
     same, flat = detection_noise_scale_map(image.astype(np.float32), variance, np.zeros(image.shape, np.int32),
                                            SIGMA, cell_pix=0)
     assert same == pytest.approx(overall) and np.all(flat == np.float32(overall))
+
+
+def test_low_coverage_scale_suppresses_a_star_residual_where_the_template_is_shallow():
+    """A star residual of 6 % of its flux (S/N ~ 18, at template S/N 300: like the 20 mag
+    stars where the 4patch_4431 template has one or two inputs) is detected with the
+    ordinary template-residual terms. Where the matched template's variance says it is
+    shallow (6x the median: a sixth of the inputs) the scaled terms drop it; a transient
+    on blank sky there is kept."""
+    rng = np.random.default_rng(9)
+    psf = PixelPsf.gaussian(SIGMA, 21)
+    shape = (256, 256)
+    star_flux = 300.0 * np.sqrt(4 * np.pi * SIGMA**2)  # template PSF-flux S/N 300 in unit noise
+    matched = _star_template(200.0, 190.0, star_flux, shape)
+    matched.variance[:, 160:] = 6.0  # the right 3/8 has a sixth of the inputs
+    image = rng.normal(0.0, 1.0, shape)
+    _add(image, psf, 200.0, 190.0, 0.06 * star_flux)  # the residual, S/N ~ 18
+    _add(image, psf, 180.0, 60.0, 100.0)  # a transient in the shallow part, S/N ~ 14
+    kwargs = dict(background_bin_pix=None, template_residual_fraction=0.01,
+                  template_residual_neighbourhood_fraction=0.005, matched_template=matched)
+    plain = _run(_difference(image), **kwargs)
+    scaled = _run(_difference(image), low_coverage_variance_ratio=2.0, low_coverage_residual_scale=10.0, **kwargs)
+    at = lambda cat, x, y: np.hypot(np.asarray(cat["x"]) - x, np.asarray(cat["y"]) - y) < 3
+    assert at(plain.catalog, 200.0, 190.0).sum() == 1
+    assert at(scaled.catalog, 200.0, 190.0).sum() == 0
+    assert at(scaled.catalog, 180.0, 60.0).sum() == 1
+    assert scaled.stats["low_coverage_fraction"] == pytest.approx(0.375, abs=0.01)
+
+
+def test_noise_scale_region_follows_a_noisier_strip():
+    """A 60 px strip whose noise is 1.2x its variance plane (a template edge with one input):
+    the 512 px cells average it away; with the strip as ``region`` it gets its own factor."""
+    from diapipe.diffim.dia_sources import detection_noise_scale_map
+
+    rng = np.random.default_rng(12)
+    shape = (512, 512)
+    image = rng.normal(0.0, 1.0, shape).astype(np.float32)
+    strip = np.zeros(shape, bool)
+    strip[:, 452:] = True
+    image[strip] *= 1.2
+    variance = np.ones(shape, np.float32)
+    mask = np.zeros(shape, np.int32)
+    _, cells = detection_noise_scale_map(image, variance, mask, SIGMA, cell_pix=512)
+    _, with_region = detection_noise_scale_map(image, variance, mask, SIGMA, cell_pix=512, region=strip)
+    assert cells[256, 480] < 1.1
+    assert with_region[256, 480] == pytest.approx(1.2, abs=0.04)
+    assert with_region[256, 100] == pytest.approx(cells[256, 100])

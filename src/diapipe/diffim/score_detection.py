@@ -156,7 +156,7 @@ def merge_score_and_difference(score_fps: Footprints, difference_fps: Footprints
 def detect_on_score(score, image, variance, mask, psf_sigma_pix, *, threshold=5.0, threshold_type="pixel_stdev",
                     grow_pix=2, deblend=False, background_bin_pix=128, scale_variance=True,
                     margin_pix=None, variance_factor=None, noise_cell_pix=512,
-                    difference_variance=None) -> tuple[Footprints, dict]:
+                    difference_variance=None, noise_region=None) -> tuple[Footprints, dict]:
     """Detection on a score image with the difference image as fallback; sets ``mask``'s detection planes.
 
     Parameters
@@ -181,6 +181,9 @@ def detect_on_score(score, image, variance, mask, psf_sigma_pix, *, threshold=5.
     difference_variance : `numpy.ndarray`, optional
         Variance for the detection on the difference (kept only in the fallback
         region); default ``variance``.
+    noise_region : `numpy.ndarray` of bool, optional
+        Where the score's noise is calibrated on its own as well (``region`` of
+        `diapipe.diffim.dia_sources.detection_noise_scale_map`).
 
     Returns
     -------
@@ -208,7 +211,7 @@ def detect_on_score(score, image, variance, mask, psf_sigma_pix, *, threshold=5.
         s_img = np.where(np.isfinite(s_img), s_img - model, s_img).astype(np.float32)
         if scale_variance:
             scale, scale_map = detection_noise_scale_map(s_img, s_var, smask, NO_SMOOTHING_SIGMA_PIX,
-                                                         cell_pix=noise_cell_pix)
+                                                         cell_pix=noise_cell_pix, region=noise_region)
             s_var = (s_var * np.maximum(scale_map, np.float32(1.0)) ** 2).astype(np.float32)
     common = {"polarity": "both", "threshold_type": threshold_type, "grow_pix": grow_pix, "deblend": deblend,
               "set_mask": False}
