@@ -9,6 +9,7 @@ from diapipe.diffim.kernel_fit import (
     BadPsfMatchError,
     TooFewKernelSourcesError,
     fit_psf_matching_kernel,
+    kernel_sum_outliers,
     select_kernel_sources,
 )
 from diapipe.exposure import masks
@@ -161,12 +162,7 @@ def test_bright_variable_stamps_rejected_bright_stars_kept():
 def test_kernel_sum_outliers_weighted_centre():
     sums = np.array([1.0, 1.001, 0.999, 1.5, 1.6, 1.4, 1.3, 1.22])
     errs = np.array([0.003, 0.003, 0.003, 0.3, 0.3, 0.3, 0.3, 0.005])
-    out = kernel_sum_outliers_of(sums, errs)
+    out = kernel_sum_outliers(sums, errs, np.ones(len(sums), bool), 3.0, 0.01)
     # the precise stamps set the centre (1.0), not the faint majority; the precise 1.22 is out
     assert out.tolist() == [False, False, False, False, False, False, False, True]
 
-
-def kernel_sum_outliers_of(sums, errs):
-    from diapipe.diffim.kernel_fit import kernel_sum_outliers
-
-    return kernel_sum_outliers(sums, errs, np.ones(len(sums), bool), 3.0, 0.01)

@@ -453,13 +453,16 @@ def detect_and_measure_dia_sources(
         peak = None
         if template_residual_neighbourhood_fraction > 0:
             peak = neighbourhood_peak(template_z, radius)
-        residual_factor = template_residual_variance_factor(template_z, template_residual_fraction, peak,
-                                                            template_residual_neighbourhood_fraction)
+
+        def residual_factor_scaled(scale, neighbourhood):
+            """The template-residual factor with both fractions times ``scale``."""
+            return template_residual_variance_factor(template_z, scale * template_residual_fraction, neighbourhood,
+                                                     scale * template_residual_neighbourhood_fraction)
+
+        residual_factor = residual_factor_scaled(1.0, peak)
         if low_coverage is not None and low_coverage_residual_scale != 1.0:
-            scaled = template_residual_variance_factor(
-                template_z, low_coverage_residual_scale * template_residual_fraction, peak,
-                low_coverage_residual_scale * template_residual_neighbourhood_fraction)
-            residual_factor = np.where(low_coverage, scaled, residual_factor).astype(np.float32)
+            residual_factor = np.where(low_coverage, residual_factor_scaled(low_coverage_residual_scale, peak),
+                                       residual_factor).astype(np.float32)
     detection_variance = variance if residual_factor is None else (variance * residual_factor).astype(np.float32)
     fallback_variance = None
     if score is not None and residual_factor is not None and fallback_residual_scale != 1.0:
@@ -467,9 +470,8 @@ def detect_and_measure_dia_sources(
         if peak is not None and science is not None:
             science_z = template_significance(science.image, variance, kernel)
             fallback_peak = neighbourhood_peak(np.maximum(np.abs(template_z), np.abs(science_z)), radius)
-        fallback_variance = (variance * template_residual_variance_factor(
-            template_z, fallback_residual_scale * template_residual_fraction, fallback_peak,
-            fallback_residual_scale * template_residual_neighbourhood_fraction)).astype(np.float32)
+        fallback_variance = (variance * residual_factor_scaled(fallback_residual_scale, fallback_peak)
+                             ).astype(np.float32)
     if score is None:
         fps = detect_sources(image, detection_variance, mask, psf.sigma(), threshold, polarity="both",
                              threshold_type=threshold_type, grow_pix=grow_pix, deblend=deblend_peaks)

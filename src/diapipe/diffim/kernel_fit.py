@@ -645,7 +645,7 @@ def fit_psf_matching_kernel(
         limit = max(chi2_floor, np.median(c) + clip_sigma * _robust_sigma(c))
         used &= chi2_local <= limit
     if used.sum() >= min_stamps and kernel_sum_clip_sigma > 0:
-        used &= kernel_sum_outliers(ksum_local, ksum_err, used, kernel_sum_clip_sigma, kernel_sum_floor) == 0
+        used &= ~kernel_sum_outliers(ksum_local, ksum_err, used, kernel_sum_clip_sigma, kernel_sum_floor)
     if used.sum() < min_stamps:
         raise TooFewKernelSourcesError(int(used.sum()), min_stamps, "after per-stamp rejection")
 

@@ -34,6 +34,8 @@ raises the threshold by more than 20 % on 0.3 % of the area.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy import ndimage
 
@@ -160,11 +162,8 @@ def low_coverage_map(template_variance: np.ndarray, ratio: float, block_pix: int
     padded = np.full((by * block_pix, bx * block_pix), np.nan, np.float32)
     padded[:ny, :nx] = np.where(good, var, np.nan)
     blocks = padded.reshape(by, block_pix, bx, block_pix).transpose(0, 2, 1, 3).reshape(by, bx, -1)
-    with np.errstate(invalid="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            block_median = np.nanmedian(blocks, axis=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # blocks with no usable pixel
+        block_median = np.nanmedian(blocks, axis=2)
     low = np.isfinite(block_median) & (block_median > ratio * typical)
     return np.repeat(np.repeat(low, block_pix, axis=0), block_pix, axis=1)[:ny, :nx]
