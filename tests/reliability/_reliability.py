@@ -27,6 +27,7 @@ __all__ = [
     "pipetask_command",
     "pipetask_inprocess",
     "read_apdb",
+    "registry_clone",
     "run_and_kill",
     "run_subset",
     "unique",
@@ -42,6 +43,31 @@ DETECTOR = 94  #: the test preset's one detector
 def unique(prefix: str) -> str:
     """A new collection name (tests never reuse or modify another's collections)."""
     return f"u/reliability/{prefix}_{uuid.uuid4().hex[:8]}"
+
+
+def registry_clone(repo: Path, dest: Path) -> Path:
+    """A repository at ``dest`` with its own copy of ``repo``'s SQLite registry and
+    ``repo``'s file datastore (new files go under ``repo``, in new RUN folders).
+
+    For tests that SIGKILL pipetask: a kill inside a registry transaction leaves a hot
+    journal, and until a writeable connection rolls it back every read-only butler on
+    that registry fails with "attempt to write a readonly database". On a clone, the
+    shared session repository never sees the kill.
+    """
+    import yaml
+
+    dest.mkdir(parents=True)
+    source = sqlite3.connect(str(Path(repo) / "gen3.sqlite3"))  # writeable: rolls back a hot journal
+    target = sqlite3.connect(str(dest / "gen3.sqlite3"))
+    try:
+        source.backup(target)  # a consistent snapshot even while other workers write
+    finally:
+        source.close()
+        target.close()
+    config = yaml.safe_load((Path(repo) / "butler.yaml").read_text())
+    config["datastore"]["root"] = str(Path(repo).resolve())
+    (dest / "butler.yaml").write_text(yaml.safe_dump(config))
+    return dest
 
 
 def ap_pipe_dir() -> str:
@@ -115,7 +141,8 @@ def pipetask_command(args: list[str]) -> list[str]:
 def run_and_kill(args: list[str], log: Path, trigger, *, timeout_s: float = 300.0, poll_s: float = 0.05):
     """Start ``pipetask ARGS`` in its own process group; SIGKILL the whole group
     (pipetask and its -j workers, like a node crash) as soon as ``trigger()`` is
-    true. Returns True if killed, False if the run finished first."""
+    true. Returns True if killed, False if the run finished first (exit code 0); a run
+    that fails before the kill point raises, with the end of its log."""
     ap_pipe_dir()
     with open(log, "w") as stream:
         proc = subprocess.Popen(
@@ -131,6 +158,9 @@ def run_and_kill(args: list[str], log: Path, trigger, *, timeout_s: float = 300.
                 if time.monotonic() - start > timeout_s:
                     raise TimeoutError(f"pipetask {' '.join(args)} did not reach the kill point in {timeout_s} s")
                 time.sleep(poll_s)
+            if proc.returncode != 0:
+                raise AssertionError(f"pipetask failed (exit {proc.returncode}) before the kill point: "
+                                     f"{log.read_text(errors='replace')[-3000:]}")
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)

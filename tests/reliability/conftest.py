@@ -6,7 +6,9 @@ Everything runs on the session's shared test-preset repository: ``sim_repo`` →
 under the same `build_once` name and with the same run as
 tests/diffim_pipeline/conftest.py, so a full test session builds it once for
 both suites. Each test writes only to its own new collections (and its own
-tmp APDB), never changes an existing one.
+tmp APDB), never changes an existing one. Tests that SIGKILL pipetask run on
+``kill_repo``, a clone of the registry, so a kill mid-transaction cannot
+break the registry the other tests (and xdist workers) share.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _reliability import DIFFIM_COLLECTION, run_subset
+from _reliability import DIFFIM_COLLECTION, registry_clone, run_subset
 from postgres_fixtures import postgres_server  # noqa: F401  (session fixture, reused)
 from testing_helpers import build_once
 
@@ -49,6 +51,12 @@ def diffim_repo(request, tmp_path_factory) -> Path:
 
     build_once(tmp_path_factory, "diffim_run", build)
     return template_repo
+
+
+@pytest.fixture
+def kill_repo(diffim_repo, tmp_path) -> Path:
+    """``diffim_repo``'s registry copied for one test; its datastore is ``diffim_repo``'s."""
+    return registry_clone(diffim_repo, tmp_path / "registry_clone")
 
 
 @pytest.fixture(scope="session")

@@ -54,7 +54,7 @@ def assert_alerts_exactly_once(folder, visits, expected_ids) -> None:
     assert sorted(alert_ids) == sorted(int(i) for i in expected_ids), "alerts lost or extra"
 
 
-def test_kill_appipe_during_store_then_resume(diffim_repo, science_visits, tmp_path):
+def test_kill_appipe_during_store_then_resume(diffim_repo, kill_repo, science_visits, tmp_path):
     """Kill (whole process group) the moment the first detector-visit is in the APDB, i.e.
     after diaPipe's store and before its apdb_marker (the other worker mid-quantum);
     resume; compare with diaPipe run uninterrupted in the same
@@ -65,7 +65,7 @@ def test_kill_appipe_during_store_then_resume(diffim_repo, science_visits, tmp_p
     create_apdb(f"sqlite:///{db}", isolation_level="READ_UNCOMMITTED")
     output = unique("kill_appipe")
     args = [
-        "run", "-j", "2", "-b", str(diffim_repo), "-i", DIFFIM_COLLECTION, "-o", output,
+        "run", "-j", "2", "-b", str(kill_repo), "-i", DIFFIM_COLLECTION, "-o", output,
         "-p", pipeline_uri(APPIPE_TAIL),
         "-c", f"diaPipe:apdb.db_url=sqlite:///{db}", "-c", "diaPipe:apdb.isolation_level=READ_UNCOMMITTED",
         "-d", visits_where(science_visits), "--register-dataset-types",
@@ -98,7 +98,7 @@ def test_kill_appipe_during_store_then_resume(diffim_repo, science_visits, tmp_p
     ref_output = unique("kill_appipe_ref")
     for visit in order:
         run_subset(
-            diffim_repo, "ApPipe.yaml#diaPipe", inputs=[DIFFIM_COLLECTION], output=ref_output,
+            kill_repo, "ApPipe.yaml#diaPipe", inputs=[DIFFIM_COLLECTION], output=ref_output,
             where=visits_where([visit]),
             config_overrides={"diaPipe": {"apdb.db_url": f"sqlite:///{ref_db}",
                                           "apdb.isolation_level": "READ_UNCOMMITTED"}},
@@ -143,7 +143,7 @@ def _count_datasets(repo, dataset_type: str, collection: str) -> int:
         return 0
 
 
-def test_kill_aptemplate_then_resume(diffim_repo, tmp_path):
+def test_kill_aptemplate_then_resume(diffim_repo, kill_repo, tmp_path):
     """SIGKILL ApTemplate's makeWarp/assembleCoadd ``-j 2`` run as soon as the registry
     records the first finished makeWarp quantum (its ``makeWarp_metadata``; the file system
     is polled every 50 ms and the registry asked once that file exists). The coadd needs
@@ -154,29 +154,30 @@ def test_kill_aptemplate_then_resume(diffim_repo, tmp_path):
     from lsst.daf.butler import Butler
 
     spec = "ApTemplate.yaml#makeWarp,assembleCoadd"
-    butler = Butler.from_config(str(diffim_repo), collections=[TEMPLATE_COLLECTION])
+    butler = Butler.from_config(str(kill_repo), collections=[TEMPLATE_COLLECTION])
     selected = butler.get("goodSeeingVisits", skymap="DC2", tract=3828, patch=24, band="g", instrument=INSTRUMENT)
     visits = sorted(int(v) for v in (selected.keys() if hasattr(selected, "keys") else selected))
-    inputs = _inputs_only_collection(diffim_repo, spec, TEMPLATE_COLLECTION)
+    inputs = _inputs_only_collection(kill_repo, spec, TEMPLATE_COLLECTION)
     output = unique("kill_aptemplate")
     args = [
-        "run", "-j", "2", "-b", str(diffim_repo), "-i", inputs, "-o", output,
+        "run", "-j", "2", "-b", str(kill_repo), "-i", inputs, "-o", output,
         "-p", pipeline_uri(spec),
         "-d", f"skymap='DC2' AND tract=3828 AND patch=24 AND band='g' AND {visits_where(visits)}",
         "--register-dataset-types",
     ]
+    # files land under the datastore root, which is the shared repository's
     metadata_files = f"{diffim_repo}/{output}/*/makeWarp_metadata/**/*.json"
     coadd_files = f"{diffim_repo}/{output}/*/goodSeeingCoadd/**/*.fits"
 
     def first_quantum_recorded() -> bool:
         return bool(glob.glob(metadata_files, recursive=True)) and _count_datasets(
-            diffim_repo, "makeWarp_metadata", output) > 0
+            kill_repo, "makeWarp_metadata", output) > 0
 
     t0 = time.monotonic()
     killed = run_and_kill(args, tmp_path / "killed.log", first_quantum_recorded)
     kill_s = time.monotonic() - t0
     assert killed, "the run finished before the kill point"
-    n_done = _count_datasets(diffim_repo, "makeWarp_metadata", output)
+    n_done = _count_datasets(kill_repo, "makeWarp_metadata", output)
     assert 1 <= n_done < len(visits), n_done
     assert not glob.glob(coadd_files, recursive=True), "the coadd was written before the kill"
 
@@ -193,7 +194,7 @@ def test_kill_aptemplate_then_resume(diffim_repo, tmp_path):
     print(f"killed after {kill_s:.1f} s with {n_done} makeWarp quanta recorded; the resume ran {n_rerun} "
           f"makeWarp quanta + assembleCoadd in {resume_s:.1f} s")
 
-    got = Butler.from_config(str(diffim_repo), collections=[output])
+    got = Butler.from_config(str(kill_repo), collections=[output])
     coadd_id = {"skymap": "DC2", "tract": 3828, "patch": 24, "band": "g"}
     a, b = got.get("goodSeeingCoadd", **coadd_id), butler.get("goodSeeingCoadd", **coadd_id)
     np.testing.assert_array_equal(a.image, b.image)
@@ -204,7 +205,7 @@ def test_kill_aptemplate_then_resume(diffim_repo, tmp_path):
     )
 
 
-def test_kill_appipe_during_subtraction_then_resume(diffim_repo, science_visits, tmp_path):
+def test_kill_appipe_during_subtraction_then_resume(diffim_repo, kill_repo, science_visits, tmp_path):
     """Kill (whole process group) the moment a subtractImages quantum starts executing
     (its start line in pipetask's log), in a run of the diffim subset plus diaPipe from
     raws; resume; the APDB then holds exactly the DiaSources of the fixture's uninterrupted
@@ -215,7 +216,7 @@ def test_kill_appipe_during_subtraction_then_resume(diffim_repo, science_visits,
     create_apdb(f"sqlite:///{db}", isolation_level="READ_UNCOMMITTED")
     output = unique("kill_subtract")
     args = [
-        "run", "-j", "2", "-b", str(diffim_repo), "-i", f"{TEMPLATE_COLLECTION},{DEFAULTS}", "-o", output,
+        "run", "-j", "2", "-b", str(kill_repo), "-i", f"{TEMPLATE_COLLECTION},{DEFAULTS}", "-o", output,
         "-p", pipeline_uri("ApPipe.yaml#diffim,diaPipe"),
         "-c", f"diaPipe:apdb.db_url=sqlite:///{db}", "-c", "diaPipe:apdb.isolation_level=READ_UNCOMMITTED",
         "-d", visits_where(science_visits), "--register-dataset-types",
@@ -228,13 +229,13 @@ def test_kill_appipe_during_subtraction_then_resume(diffim_repo, science_visits,
 
     killed = run_and_kill(args, log_path, subtraction_running, timeout_s=600.0)
     assert killed, "the run finished before the kill point"
-    assert _count_datasets(diffim_repo, "goodSeeingDiff_diaSrcTable", output) < len(science_visits)
+    assert _count_datasets(kill_repo, "goodSeeingDiff_diaSrcTable", output) < len(science_visits)
     assert sqlite_count(db, "DiaSource", "") == 0 or len(set(visit_order(db))) < len(science_visits)
 
     code = run_pipetask(resume_args(args, output), tmp_path / "resume.log")
     log = (tmp_path / "resume.log").read_text()
     assert code == 0, log[-3000:]
-    assert _count_datasets(diffim_repo, "goodSeeingDiff_diaSrcTable", output) == len(science_visits)
+    assert _count_datasets(kill_repo, "goodSeeingDiff_diaSrcTable", output) == len(science_visits)
     expected_ids = expected_dia_source_ids(diffim_repo, science_visits)
     assert_apdb_consistent(read_apdb(db), expected_ids)
     assert_alerts_exactly_once(db.with_name("killed_alerts"), science_visits, expected_ids)
