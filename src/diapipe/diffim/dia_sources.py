@@ -389,7 +389,8 @@ def detect_and_measure_dia_sources(
     keeps the plain variance. With ``template_residual_neighbourhood_fraction`` > 0 the
     factor also grows with the brightest template object within
     ``neighbourhood_radius_sigma`` PSF sigmas (further for brighter ones;
-    `diapipe.diffim.template_residual.neighbourhood_peak`): residual rings beside bright stars.
+    `diapipe.diffim.template_residual.neighbourhood_peak`), its flux counted over the sky
+    noise: residual rings beside bright stars.
     Where detection falls back from the score to the difference (next to the score's
     no-data), both fractions are multiplied by ``fallback_residual_scale`` and the
     neighbourhood also counts bright objects of ``science``: that difference, in a visit
@@ -442,6 +443,7 @@ def detect_and_measure_dia_sources(
     residual_factor = None
     if matched_template is not None and (template_residual_fraction > 0 or template_residual_neighbourhood_fraction > 0):
         from .template_residual import (
+            block_median_map,
             neighbourhood_peak,
             template_residual_variance_factor,
             template_significance,
@@ -450,9 +452,14 @@ def detect_and_measure_dia_sources(
         kernel = psf.compute_kernel_image(x0 + 0.5 * (image.shape[1] - 1), y0 + 0.5 * (image.shape[0] - 1))
         radius = int(np.ceil(neighbourhood_radius_sigma * psf.sigma()))
         template_z = template_significance(matched_template.image, variance, kernel)
+        # Rings beside a star scale with its flux; its significance in the pixel variance,
+        # which holds the star's own photon noise, only with the square root of it. The
+        # neighbourhood term follows the flux over the sky noise (the variance's block median).
+        sky_variance = block_median_map(variance)
+        sky_variance = np.where(np.isfinite(sky_variance), sky_variance, variance)
         peak = None
         if template_residual_neighbourhood_fraction > 0:
-            peak = neighbourhood_peak(template_z, radius)
+            peak = neighbourhood_peak(template_significance(matched_template.image, sky_variance, kernel), radius)
 
         def residual_factor_scaled(scale, neighbourhood):
             """The template-residual factor with both fractions times ``scale``."""
@@ -468,8 +475,8 @@ def detect_and_measure_dia_sources(
     if score is not None and residual_factor is not None and fallback_residual_scale != 1.0:
         fallback_peak = peak
         if peak is not None and science is not None:
-            science_z = template_significance(science.image, variance, kernel)
-            fallback_peak = neighbourhood_peak(np.maximum(np.abs(template_z), np.abs(science_z)), radius)
+            fallback_peak = np.maximum(peak, neighbourhood_peak(template_significance(science.image, sky_variance, kernel),
+                                                                radius))
         fallback_variance = (variance * residual_factor_scaled(fallback_residual_scale, fallback_peak)
                              ).astype(np.float32)
     if score is None:

@@ -31,6 +31,8 @@ _LAZY = {
     "psf_fwhm_at": "observing",
     "reference_catalog": "sky",
     "render_detector": "render",
+    "render_difference_pair": "pair",
+    "DifferencePair": "pair",
     "sky_e_per_px": "observing",
     "visit_truth": "truth",
     "visits_table": "observing",
