@@ -33,7 +33,7 @@ def test_formatter_writes_raw_datasets_lean_and_other_exposures_in_full(tmp_path
         DatasetType("notRaw", ["instrument", "exposure", "detector"], "DiapipeExposure", universe=butler.dimensions)
     )
     raw_adu = apply_detector_signature(np.full(detector.shape, 700.0), detector, 30.0, np.random.default_rng(2))
-    info = simulate_module._visit_info(visit, 94, reported[visit.visit])
+    info = simulate_module.visit_info_for(visit, 94, reported[visit.visit])
     raw = Exposure(image=raw_adu, visit_info=info, metadata={"DETNAME": detector.name})
     data_id = {"instrument": INSTRUMENT, "exposure": visit.visit, "detector": 94}
     butler.registry.registerRun("test/raws")

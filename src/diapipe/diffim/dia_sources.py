@@ -452,13 +452,13 @@ def detect_and_measure_dia_sources(
         kernel = psf.compute_kernel_image(x0 + 0.5 * (image.shape[1] - 1), y0 + 0.5 * (image.shape[0] - 1))
         radius = int(np.ceil(neighbourhood_radius_sigma * psf.sigma()))
         template_z = template_significance(matched_template.image, variance, kernel)
-        # Rings beside a star scale with its flux; its significance in the pixel variance,
-        # which holds the star's own photon noise, only with the square root of it. The
-        # neighbourhood term follows the flux over the sky noise (the variance's block median).
-        sky_variance = block_median_map(variance)
-        sky_variance = np.where(np.isfinite(sky_variance), sky_variance, variance)
         peak = None
         if template_residual_neighbourhood_fraction > 0:
+            # Rings beside a star scale with its flux; its significance in the pixel variance,
+            # which holds the star's own photon noise, only with the square root of it. The
+            # neighbourhood term follows the flux over the sky noise (the variance's block median).
+            sky_variance = block_median_map(variance)
+            sky_variance = np.where(np.isfinite(sky_variance), sky_variance, variance)
             peak = neighbourhood_peak(template_significance(matched_template.image, sky_variance, kernel), radius)
 
         def residual_factor_scaled(scale, neighbourhood):

@@ -21,9 +21,10 @@ import pandas as pd
 from astropy.table import Table
 
 from ..exposure import masks
-from ..exposure.exposure import Exposure, PhotoCalib, VisitInfo
+from ..exposure.exposure import Exposure, PhotoCalib
 from .observing import Visit, njy_to_electrons
 from .render import DetectorPsfModel, affine_pix_to_fp, psf_for_detector, render_detector
+from .simulate import visit_info_for
 from .sky import SkyCatalog
 
 __all__ = ["DifferencePair", "render_difference_pair"]
@@ -38,14 +39,6 @@ class DifferencePair:
     science: Exposure
     sources: Table
     truth: pd.DataFrame
-
-
-def _visit_info(visit: Visit, detector: int) -> VisitInfo:
-    return VisitInfo(
-        instrument="LSSTCam-imSim", exposure=visit.visit, visit=visit.visit, detector=detector,
-        physical_filter=visit.physical_filter, band=visit.band, exposure_time_s=visit.exposure_time_s,
-        mjd_tai=visit.mjd, airmass=visit.airmass,
-    )
 
 
 def render_difference_pair(
@@ -107,7 +100,7 @@ def render_difference_pair(
             truth = rendered.truth
         exposures[name] = Exposure(
             image.astype(np.float32), mask, variance.astype(np.float32), wcs=wcs,
-            psf=psf_for_detector(psf_model, (ny, nx)), photo_calib=calib, visit_info=_visit_info(visit, detector),
+            psf=psf_for_detector(psf_model, (ny, nx)), photo_calib=calib, visit_info=visit_info_for(visit, detector),
         )
 
     science = exposures["science"]

@@ -39,6 +39,7 @@ __all__ = [
     "plan_visits",
     "refcat_filter_map",
     "simulate_repo",
+    "visit_info_for",
 ]
 
 _log = logging.getLogger(__name__)
@@ -130,7 +131,11 @@ def _reported_boresight(visit, rng: np.random.Generator) -> tuple[float, float]:
     return visit.boresight_ra + dra / np.cos(np.radians(visit.boresight_dec)), visit.boresight_dec + ddec
 
 
-def _visit_info(visit, detector_id: int, reported) -> VisitInfo:
+def visit_info_for(visit, detector_id: int, reported=None) -> VisitInfo:
+    """The `VisitInfo` of one detector-visit; ``reported`` is the boresight the telescope
+    reports (default: the true one)."""
+    if reported is None:
+        reported = (visit.boresight_ra, visit.boresight_dec)
     return VisitInfo(
         instrument=INSTRUMENT,
         exposure=visit.visit,
@@ -178,7 +183,7 @@ def _simulate_detector_visit(args):
     raw = Exposure(
         image=raw_adu,
         wcs=reported_wcs,
-        visit_info=_visit_info(visit, detector_id, reported),
+        visit_info=visit_info_for(visit, detector_id, reported),
         metadata={
             "OBSID": f"{visit.visit}",
             "DETNAME": detector.name,
